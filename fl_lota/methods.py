@@ -1,0 +1,125 @@
+"""One front door for fine-tuning: ``finetune(method, model, examples, cfg, **options)``.
+
+Registered methods (``FINETUNE_METHODS``): ``lota`` (sparse, the paper's method), ``fft``
+(full fine-tuning of the same scope of weights) and ``lora`` (peft). All use the same
+trainer, data order, optimizer and seed, and all leave ``model`` holding the tuned weights
+and return the update as a SparseTaskVector (dense tensors for fft and lora).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import Example, batch_iterator
+from .lora import LoraOptions, lora_finetune
+from .lota import LotaConfig, calibrate, extract, lotto_frozen, scope_params, sparse_adapt
+from .masks import DEFAULT_SCOPE, Mask
+from .task_vector import SparseTaskVector
+from .train import TrainConfig, train
+
+__all__ = ["FINETUNE_METHODS", "FinetuneResult", "finetune"]
+
+
+@dataclass
+class FinetuneResult:
+    method: str
+    delta: SparseTaskVector
+    mask: Mask | None
+    trained_params: int
+    losses: list[float]
+    seconds: float
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    masks_history: list[Mask] = field(default_factory=list)  # iterative calibration
+
+
+def _check_options(method: str, given: Iterable[str], known: set[str]) -> None:
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; known: {sorted(known)}")
+
+
+def _lota(model, examples, cfg, pad_id, *, mask: Mask | None = None, exclude: Sequence[Mask] = (), **opts):
+    """mask: reuse a mask (skip calibration, e.g. later federated rounds). exclude:
+    earlier tasks' masks (LoTTO): calibrated with them frozen, extracted disjoint."""
+    _check_options("lota", opts, LotaConfig.option_names())
+    lc = LotaConfig(**opts)
+    params = scope_params(model, lc.scope)
+
+    def batches():
+        return batch_iterator(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, max_len=cfg.max_len)
+
+    phases, t0 = {}, time.perf_counter()
+    frozen = lotto_frozen(exclude) if exclude else None
+    history: list[Mask] = []
+    if mask is None:
+        delta, _ = calibrate(model, batches(), cfg, params, steps=lc.calib_steps(len(examples), cfg), frozen=frozen)
+        phases["calibrate"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        mask = extract(delta, lc.sparsity, mode=lc.mask_mode, selector=lc.selector, exclude=exclude, seed=lc.seed)
+        del delta
+        phases["extract"] = time.perf_counter() - t1
+    history.append(mask)
+    losses = []
+    base = {n: p.detach().clone() for n, p in params.items()} if lc.iterative else {}
+    for sparsity in lc.iterative:
+        t1 = time.perf_counter()
+        tv, st = sparse_adapt(model, batches(), cfg, params, mask)
+        losses += st.losses
+        with torch.no_grad():
+            for n, p in params.items():  # back to the base, bit for bit
+                p.copy_(base[n])
+        mask = extract(tv.to_dense(), sparsity, mode=lc.mask_mode, exclude=exclude)
+        history.append(mask)
+        phases[f"iterate_{sparsity}"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    tv, st = sparse_adapt(model, batches(), cfg, params, mask)
+    phases["sparse_adapt"] = time.perf_counter() - t1
+    n = sum(int(m.sum()) for m in mask.values())
+    return FinetuneResult("lota", tv, mask, n, losses + st.losses, time.perf_counter() - t0, phases, history)
+
+
+def _fft(model, examples, cfg, pad_id, *, scope: Sequence[str] | str = DEFAULT_SCOPE):
+    """Full fine-tuning over ``scope`` (default: LoTA's scope, so that LoTA at sparsity 0
+    is exactly FFT; ``"all"`` trains every parameter)."""
+    params = scope_params(model, scope)
+    base = {n: p.detach().clone() for n, p in params.items()}
+    batches = batch_iterator(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, max_len=cfg.max_len)
+    st = train(model, params, batches, cfg)
+    delta = {n: p.detach().float() - base[n].float() for n, p in params.items()}
+    n = sum(p.numel() for p in params.values())
+    return FinetuneResult(
+        "fft", SparseTaskVector.from_dense(delta), None, n, st.losses, st.seconds, {"train": st.seconds}
+    )
+
+
+def _lora(model, examples, cfg, pad_id, **opts):
+    _check_options("lora", opts, LoraOptions.option_names())
+    batches = batch_iterator(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, max_len=cfg.max_len)
+    delta, st, n = lora_finetune(model, batches, cfg, LoraOptions(**opts))
+    return FinetuneResult(
+        "lora", SparseTaskVector.from_dense(delta), None, n, st.losses, st.seconds, {"train": st.seconds}
+    )
+
+
+FINETUNE_METHODS: dict[str, Callable[..., FinetuneResult]] = {"lota": _lota, "fft": _fft, "lora": _lora}
+
+
+def finetune(
+    method: str,
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    cfg: TrainConfig,
+    *,
+    pad_id: int,
+    **options,
+) -> FinetuneResult:
+    """Fine-tune ``model`` in place on ``examples`` with a registered method."""
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"unknown fine-tuning method {method!r}; known: {sorted(FINETUNE_METHODS)}")
+    if not examples:
+        raise ValueError("no training examples")
+    return FINETUNE_METHODS[method](model, examples, cfg, pad_id, **options)

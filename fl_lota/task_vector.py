@@ -1,0 +1,213 @@
+"""Sparse task vectors: the update a LoTA client trains, stores and sends.
+
+A task vector is ``tuned - base`` (Ilharco et al., 2023). LoTA's task vectors are sparse by
+construction, so we keep them as, per parameter tensor, the flat sorted indices of the kept
+entries and their values. A tensor whose ``indices`` is ``None`` is dense (every entry kept,
+values in flat order): that is how full fine-tuning and LoRA deltas are represented, without
+paying 8 bytes of index per entry.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["SparseTensor", "SparseTaskVector", "dense_delta", "state_of"]
+
+
+@dataclass(frozen=True)
+class SparseTensor:
+    """One parameter's share of a task vector.
+
+    shape:   the parameter's shape.
+    indices: (nnz,) int64, flat row-major positions, strictly increasing; None = dense.
+    values:  (nnz,) values at those positions (numel values when dense).
+    """
+
+    shape: tuple[int, ...]
+    indices: torch.Tensor | None
+    values: torch.Tensor
+
+    def __post_init__(self) -> None:
+        numel = math.prod(self.shape)
+        if self.values.dim() != 1:
+            raise ValueError(f"values must be 1-D, got shape {tuple(self.values.shape)}")
+        if self.indices is None:
+            if self.values.numel() != numel:
+                raise ValueError(f"dense values hold {self.values.numel()} entries, shape needs {numel}")
+            return
+        if self.indices.dtype != torch.int64 or self.indices.dim() != 1:
+            raise ValueError("indices must be a 1-D int64 tensor")
+        if self.indices.numel() != self.values.numel():
+            raise ValueError(f"{self.indices.numel()} indices but {self.values.numel()} values")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def is_dense(self) -> bool:
+        return self.indices is None
+
+    def flat_indices(self) -> torch.Tensor:
+        """(nnz,) int64 positions, materialised for dense tensors too."""
+        if self.indices is None:
+            return torch.arange(self.numel, dtype=torch.int64, device=self.values.device)
+        return self.indices
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.values.dtype
+        if self.indices is None:
+            return self.values.to(dtype).reshape(self.shape).clone()
+        out = torch.zeros(self.numel, dtype=dtype, device=self.values.device)
+        out[self.indices] = self.values.to(dtype)
+        return out.reshape(self.shape)
+
+    def mask(self) -> torch.Tensor:
+        """Boolean tensor of ``shape``: True where an entry is kept."""
+        if self.indices is None:
+            return torch.ones(self.shape, dtype=torch.bool)
+        out = torch.zeros(self.numel, dtype=torch.bool)
+        out[self.indices] = True
+        return out.reshape(self.shape)
+
+
+class SparseTaskVector(Mapping[str, SparseTensor]):
+    """An ordered mapping ``parameter name -> SparseTensor``."""
+
+    def __init__(self, tensors: Mapping[str, SparseTensor] | None = None) -> None:
+        self._tensors: dict[str, SparseTensor] = dict(tensors or {})
+
+    def __getitem__(self, name: str) -> SparseTensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"SparseTaskVector({len(self)} tensors, nnz={self.nnz:,} of {self.numel:,})"
+
+    @property
+    def nnz(self) -> int:
+        return sum(t.nnz for t in self._tensors.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self._tensors.values())
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(self.numel, 1)
+
+    @classmethod
+    def from_dense(
+        cls,
+        delta: Mapping[str, torch.Tensor],
+        mask: Mapping[str, torch.Tensor] | None = None,
+    ) -> SparseTaskVector:
+        """Keep ``delta`` where ``mask`` is True; with no mask (or a tensor absent from it)
+        the tensor is kept dense. Names in ``mask`` must exist in ``delta``."""
+        mask = mask or {}
+        missing = set(mask) - set(delta)
+        if missing:
+            raise KeyError(f"mask names tensors the delta lacks: {sorted(missing)[:5]}")
+        out = {}
+        for name, d in delta.items():
+            flat = d.detach().reshape(-1)
+            if name in mask:
+                m = mask[name]
+                if tuple(m.shape) != tuple(d.shape):
+                    raise ValueError(f"{name}: mask shape {tuple(m.shape)} != delta shape {tuple(d.shape)}")
+                idx = torch.nonzero(m.reshape(-1), as_tuple=False).reshape(-1)
+                out[name] = SparseTensor(tuple(d.shape), idx, flat[idx].clone())
+            else:
+                out[name] = SparseTensor(tuple(d.shape), None, flat.clone())
+        return cls(out)
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {name: t.to_dense(dtype) for name, t in self._tensors.items()}
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: t.mask() for name, t in self._tensors.items()}
+
+    def with_values(self, values: Mapping[str, torch.Tensor]) -> SparseTaskVector:
+        """Same layout (shapes and indices), new values."""
+        return SparseTaskVector({n: SparseTensor(t.shape, t.indices, values[n]) for n, t in self._tensors.items()})
+
+    @torch.no_grad()
+    def apply_to(self, params: Mapping[str, torch.Tensor] | torch.nn.Module, scale: float = 1.0) -> None:
+        """In place: ``param += scale * delta`` at the kept entries (accumulated in the
+        parameter's dtype). Raises KeyError on a tensor the target lacks."""
+        target = dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
+        for name, t in self._tensors.items():
+            if name not in target:
+                raise KeyError(f"task vector tensor {name!r} not found in the target")
+            p = target[name]
+            if tuple(p.shape) != t.shape:
+                raise ValueError(f"{name}: shape {tuple(p.shape)} != task vector shape {t.shape}")
+            flat = p.data.view(-1)
+            vals = t.values.to(device=flat.device, dtype=flat.dtype)
+            if scale != 1.0:
+                vals = vals * scale
+            if t.indices is None:
+                flat.add_(vals)
+            else:
+                flat.index_add_(0, t.indices.to(flat.device), vals)
+
+    def save(self, path: str | Path) -> None:
+        """Store as safetensors: ``<name>::values`` and, for sparse tensors,
+        ``<name>::indices``; shapes in the metadata. Never pickle."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, str] = {"format": "fl_lota.task_vector.v1", "names": json.dumps(list(self._tensors))}
+        for name, t in self._tensors.items():
+            tensors[f"{name}::values"] = t.values.contiguous()
+            if t.indices is not None:
+                tensors[f"{name}::indices"] = t.indices.contiguous()
+            meta[f"shape::{name}"] = ",".join(str(s) for s in t.shape)
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SparseTaskVector:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"task vector file not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "fl_lota.task_vector.v1":
+            raise ValueError(f"{path} is not an fl_lota task vector (format={meta.get('format')!r})")
+        raw = load_file(str(path))
+        out = {}
+        for name in json.loads(meta["names"]):  # metadata is a JSON object: keep order explicitly
+            shape_s = meta[f"shape::{name}"]
+            shape = tuple(int(s) for s in shape_s.split(",")) if shape_s else ()
+            out[name] = SparseTensor(shape, raw.get(f"{name}::indices"), raw[f"{name}::values"])
+        return cls(out)
+
+
+def state_of(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Detached copies of the model's parameters (all, or ``names``), for later deltas."""
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else names
+    return {n: params[n].detach().clone() for n in names}
+
+
+@torch.no_grad()
+def dense_delta(model: torch.nn.Module, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tuned - base`` for every tensor in ``base`` (float32)."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().float() - b.float() for n, b in base.items()}

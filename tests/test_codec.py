@@ -1,0 +1,309 @@
+"""The FLTV codec: exact round trips, and a named CodecError for every malformed input."""
+
+import contextlib
+import struct
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fl_lota import codec
+from fl_lota.codec import HEADER, CodecError, decode, encode, peek
+from fl_lota.masks import magnitude_mask
+from fl_lota.task_vector import SparseTaskVector, SparseTensor
+
+
+def make_tv(seed=0, sparsity=0.9):
+    g = torch.Generator().manual_seed(seed)
+    d = {
+        "l0.mlp.up.weight": torch.randn(64, 48, generator=g) * 0.3,
+        "l0.attn.q.weight": torch.randn(32, 32, generator=g),
+    }
+    return SparseTaskVector.from_dense(d, magnitude_mask(d, sparsity))
+
+
+def resign(data: bytes | bytearray) -> bytes:
+    """Recompute length and checksum after a mutation, so deeper checks are reached."""
+    data = bytearray(data)
+    body = bytes(data[HEADER.size :])
+    data[16:24] = struct.pack("<Q", len(body))
+    data[24:40] = codec._checksum(bytes(data[:24]), body)
+    return bytes(data)
+
+
+def body_with(tv, **kw):
+    return bytearray(encode(tv, **kw))
+
+
+def test_float32_round_trip_is_exact():
+    tv = make_tv()
+    back = decode(encode(tv, values="float32"))
+    assert list(back) == list(tv)
+    for n, t in tv.items():
+        assert back[n].shape == t.shape
+        assert torch.equal(back[n].indices, t.indices)
+        assert torch.equal(back[n].values, t.values)
+
+
+def test_bf16_round_trip_equals_bf16_rounding():
+    tv = make_tv()
+    back = decode(encode(tv))  # bf16 is the default
+    for n, t in tv.items():
+        assert torch.equal(back[n].indices, t.indices)
+        assert torch.equal(back[n].values, t.values.to(torch.bfloat16).float())
+
+
+def test_int8_round_trip_within_half_a_step():
+    tv = make_tv()
+    back = decode(encode(tv, values="int8"))
+    for n, t in tv.items():
+        step = float(t.values.abs().max()) / 127
+        assert (back[n].values - t.values).abs().max() <= step / 2 + 1e-9
+
+
+def test_dense_empty_and_very_sparse_tensors():
+    idx = torch.tensor([0, 3, 100_000, 2_000_000, 2_999_999])  # gaps >= 255 take the escape path
+    tv = SparseTaskVector(
+        {
+            "dense": SparseTensor((3, 4), None, torch.arange(12.0)),
+            "empty": SparseTensor((5, 5), torch.zeros(0, dtype=torch.int64), torch.zeros(0)),
+            "sparse": SparseTensor((3000, 1000), idx, torch.tensor([1.0, -2.0, 3.0, 4.0, 5.0])),
+        }
+    )
+    back = decode(encode(tv, values="float32"))
+    assert back["dense"].indices is None and torch.equal(back["dense"].values, torch.arange(12.0))
+    assert back["empty"].nnz == 0
+    assert torch.equal(back["sparse"].indices, idx)
+    assert len(decode(encode(SparseTaskVector()))) == 0
+
+
+def test_values_only_needs_and_checks_the_mask():
+    tv = make_tv()
+    full, vo = encode(tv), encode(tv, values_only=True)
+    assert len(vo) < len(full)
+    assert peek(vo).values_only and not peek(full).values_only
+    for mask in (tv, tv.masks()):  # the layout or boolean masks
+        back = decode(vo, mask=mask)
+        assert all(torch.equal(back[n].indices, tv[n].indices) for n in tv)
+        assert all(torch.equal(back[n].values, tv[n].values.bfloat16().float()) for n in tv)
+    with pytest.raises(CodecError, match="needs the mask"):
+        decode(vo)
+    with pytest.raises(CodecError, match="different mask"):
+        decode(vo, mask=make_tv(seed=1))
+
+
+def test_index_coding_is_near_the_entropy_bound():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(2_000_000, generator=g) < 0.1
+    idx = torch.nonzero(m).reshape(-1)
+    tv = SparseTaskVector({"w": SparseTensor((2_000_000,), idx, torch.zeros(idx.numel()))})
+    without_values = len(encode(tv, values="int8")) - len(encode(tv, values="int8", values_only=True))
+    bits = 8 * without_values / idx.numel()
+    bound = codec.index_entropy_bits(2_000_000, idx.numel()) / idx.numel()
+    assert bound < bits < bound * 1.04  # int32 indices would cost 32
+
+
+# ---------------------------------------------------------------- malformed inputs
+
+
+def test_truncated_payloads():
+    data = encode(make_tv())
+    for cut in [0, 3, 39, 40, 41, len(data) // 2, len(data) - 1]:
+        with pytest.raises(CodecError, match="truncated"):
+            decode(data[:cut])
+
+
+def test_trailing_bytes():
+    with pytest.raises(CodecError, match="padded"):
+        decode(encode(make_tv()) + b"\0")
+    data = resign(encode(make_tv()) + b"xyz")
+    with pytest.raises(CodecError, match="trailing bytes"):
+        decode(data)
+
+
+@pytest.mark.parametrize("pos", [4, 5, 6, 9, 30, 45, 60, -1])
+def test_bit_flips_are_caught(pos):
+    data = bytearray(encode(make_tv()))
+    data[pos] ^= 0x10
+    with pytest.raises(CodecError):
+        decode(bytes(data))
+
+
+def test_bit_flip_in_body_is_a_checksum_error():
+    data = bytearray(encode(make_tv()))
+    data[len(data) // 2] ^= 1
+    with pytest.raises(CodecError, match="checksum"):
+        decode(bytes(data))
+
+
+def test_wrong_magic_and_version():
+    data = bytearray(encode(make_tv()))
+    with pytest.raises(CodecError, match="not an FLTV payload"):
+        decode(b"PK\3\4" + bytes(data[4:]))
+    data[4] = 2
+    with pytest.raises(CodecError, match="unsupported FLTV version 2"):
+        decode(resign(data))
+
+
+def test_unknown_mode_and_dtype():
+    data = bytearray(encode(make_tv()))
+    data[5] = 7
+    with pytest.raises(CodecError, match="unknown mode"):
+        decode(resign(data))
+    data = bytearray(encode(make_tv()))
+    data[6] = 9
+    with pytest.raises(CodecError, match="unknown value dtype"):
+        decode(resign(data))
+
+
+def _table_offsets(data):
+    """Offsets of the first tensor's ndim, dims and (flags, nnz, scale) in the payload."""
+    off = HEADER.size + 4
+    (nl,) = struct.unpack_from("<H", data, off)
+    off += 2 + nl
+    (ndim,) = struct.unpack_from("<B", data, off)
+    return off, off + 1, off + 1 + 8 * ndim
+
+
+def test_absurd_sizes():
+    tv = make_tv()
+    data = bytearray(encode(tv))
+    nd_off, dims_off, _entry_off = _table_offsets(data)
+    bad = bytearray(data)
+    bad[nd_off] = 99
+    with pytest.raises(CodecError, match="absurd ndim"):
+        decode(resign(bad))
+    bad = bytearray(data)
+    struct.pack_into("<Q", bad, dims_off, 1 << 62)
+    with pytest.raises(CodecError, match="absurd shape"):
+        decode(resign(bad))
+    bad = bytearray(data)
+    struct.pack_into("<I", bad, HEADER.size, 0xFFFFFFFF)
+    with pytest.raises(CodecError, match="absurd tensor count"):
+        decode(resign(bad))
+
+
+def test_counts_that_disagree():
+    data = bytearray(encode(make_tv()))
+    _, _, entry_off = _table_offsets(data)
+    flags, nnz, scale = struct.unpack_from("<BQf", data, entry_off)
+    bad = bytearray(data)
+    struct.pack_into("<BQf", bad, entry_off, flags, 10**9, scale)  # more entries than the shape holds
+    with pytest.raises(CodecError, match="disagrees with shape"):
+        decode(resign(bad))
+    bad = bytearray(data)
+    struct.pack_into("<BQf", bad, entry_off, flags, nnz - 1, scale)  # streams hold one more
+    with pytest.raises(CodecError, match="stream holds"):
+        decode(resign(bad))
+    bad = bytearray(data)
+    struct.pack_into("<BQf", bad, entry_off, 0x80, nnz, scale)
+    with pytest.raises(CodecError, match="unknown flags"):
+        decode(resign(bad))
+
+
+def test_indices_out_of_range():
+    # A tensor of 10 entries whose gaps run past its end: encode the gaps of a larger tensor,
+    # then shrink the declared shape.
+    tv = SparseTaskVector({"w": SparseTensor((100,), torch.tensor([5, 50, 99]), torch.ones(3))})
+    data = bytearray(encode(tv, values="float32"))
+    _, dims_off, _ = _table_offsets(data)
+    struct.pack_into("<Q", data, dims_off, 60)
+    with pytest.raises(CodecError, match="out of range"):
+        decode(resign(data))
+
+
+def test_encoder_refuses_unsorted_out_of_range_and_nonfinite():
+    with pytest.raises(CodecError, match="strictly increasing"):
+        encode(SparseTaskVector({"w": SparseTensor((10,), torch.tensor([3, 1]), torch.ones(2))}))
+    with pytest.raises(CodecError, match="strictly increasing"):
+        encode(SparseTaskVector({"w": SparseTensor((10,), torch.tensor([3, 3]), torch.ones(2))}))
+    with pytest.raises(CodecError, match="outside"):
+        encode(SparseTaskVector({"w": SparseTensor((10,), torch.tensor([3, 10]), torch.ones(2))}))
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        encode(SparseTaskVector({"w": SparseTensor((2,), None, torch.tensor([1.0, float("inf")]))}))
+    with pytest.raises(CodecError, match="unknown value dtype"):
+        encode(make_tv(), values="fp8")
+
+
+def _table_len(tv):
+    return 4 + sum(2 + len(n.encode()) + 1 + 8 * len(t.shape) + struct.calcsize("<BQf") for n, t in tv.items())
+
+
+def _stream(raw: bytes) -> bytes:
+    comp = zstandard.ZstdCompressor().compress(raw)
+    return struct.pack("<QQ", len(raw), len(comp)) + comp
+
+
+def test_nan_values_in_a_payload_are_refused():
+    tv = SparseTaskVector({"w": SparseTensor((4,), None, torch.tensor([1.0, 2.0, 3.0, 4.0]))})
+    data = encode(tv, values="float32")
+    planes = np.array([1.0, 2.0, 3.0, np.nan], dtype="<f4").view(np.uint8).reshape(-1, 4).T
+    forged = data[: HEADER.size + _table_len(tv)] + _stream(b"") + _stream(b"")  # no sparse indices
+    forged += b"".join(_stream(p.tobytes()) for p in planes)
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        decode(resign(forged))
+
+
+def test_escaped_gap_out_of_range():
+    tv = SparseTaskVector({"w": SparseTensor((1000,), torch.tensor([600]), torch.ones(1))})
+    data = encode(tv, values="float32")
+    forged = data[: HEADER.size + _table_len(tv)] + _stream(b"\xff") + _stream(struct.pack("<Q", 7))
+    forged += b"".join(_stream(p.tobytes()) for p in np.ones(1, "<f4").view(np.uint8).reshape(-1, 4).T)
+    with pytest.raises(CodecError, match="escaped gap"):
+        decode(resign(forged))
+
+
+def test_stream_that_does_not_decompress():
+    tv = make_tv()
+    data = bytearray(encode(tv))
+    off = HEADER.size + _table_len(tv) + 16  # the first stream's frame, after its two u64 lengths
+    data[off : off + 4] = b"\xde\xad\xbe\xef"
+    with pytest.raises(CodecError, match="does not decompress"):
+        decode(resign(data))
+
+
+def test_size_limit_refuses_before_decoding():
+    data = encode(make_tv())
+    with pytest.raises(CodecError, match="exceeds the limit"):
+        decode(data, max_bytes=len(data) - 1)
+    assert len(decode(data, max_bytes=len(data))) == 2
+    with pytest.raises(CodecError, match="more than the limit"):
+        decode(data, max_entries=make_tv().nnz - 1)
+
+
+def test_values_only_table_must_match_mask():
+    tv = make_tv()
+    other = SparseTaskVector({n: tv[n] for n in reversed(list(tv))})  # same tensors, other order
+    with pytest.raises(CodecError, match="different mask"):
+        decode(encode(tv, values_only=True), mask=other)
+    with pytest.raises(CodecError, match="SparseTaskVector or dict"):
+        decode(encode(tv, values_only=True), mask=[1, 2])
+
+
+# ---------------------------------------------------------------- property-based
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=400))
+def test_random_bytes_raise_only_codec_error(blob):
+    for data in (blob, b"FLTV\x01" + blob, resign(b"FLTV\x01\x00\x01\x00" + b"\0" * 32 + blob)):
+        with contextlib.suppress(CodecError):
+            decode(data)
+
+
+_SEED = encode(make_tv(sparsity=0.95))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(_SEED) - 1), st.integers(0, 255)), min_size=1, max_size=8), st.booleans())
+def test_mutated_payloads_raise_only_codec_error(edits, sign):
+    data = bytearray(_SEED)
+    for pos, val in edits:
+        data[pos] = val
+    if sign:
+        data = bytearray(resign(data))  # get past the checksum to the structural checks
+    with contextlib.suppress(CodecError):
+        decode(bytes(data))

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from fl_lota.masks import magnitude_mask
+from fl_lota.task_vector import SparseTaskVector, SparseTensor
+
+
+def _delta():
+    g = torch.Generator().manual_seed(0)
+    return {"a.mlp.up.weight": torch.randn(6, 5, generator=g), "b.attn.q.weight": torch.randn(4, 4, generator=g)}
+
+
+def test_from_dense_keeps_only_masked_entries_and_round_trips():
+    d = _delta()
+    m = magnitude_mask(d, 0.7)
+    tv = SparseTaskVector.from_dense(d, m)
+    assert tv.nnz == sum(int(x.sum()) for x in m.values())
+    for n, t in tv.items():
+        assert torch.equal(t.to_dense(), torch.where(m[n], d[n], torch.zeros_like(d[n])))
+        assert torch.equal(t.mask(), m[n])
+        assert (t.indices[1:] > t.indices[:-1]).all()
+
+
+def test_dense_tensor_has_no_indices():
+    d = _delta()
+    tv = SparseTaskVector.from_dense(d)
+    assert all(t.is_dense for t in tv.values())
+    assert tv.density == 1.0
+    assert torch.equal(tv.to_dense()["a.mlp.up.weight"], d["a.mlp.up.weight"])
+
+
+def test_apply_to_adds_scaled_delta_in_place():
+    d = _delta()
+    m = magnitude_mask(d, 0.5)
+    tv = SparseTaskVector.from_dense(d, m)
+    target = {n: torch.ones_like(x) for n, x in d.items()}
+    tv.apply_to(target, scale=0.5)
+    for n in d:
+        assert torch.allclose(target[n], 1 + 0.5 * torch.where(m[n], d[n], torch.zeros_like(d[n])))
+
+
+def test_apply_to_rejects_unknown_tensor_and_shape():
+    tv = SparseTaskVector({"x": SparseTensor((2, 2), None, torch.ones(4))})
+    with pytest.raises(KeyError, match="'x' not found"):
+        tv.apply_to({"y": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="shape"):
+        tv.apply_to({"x": torch.zeros(3)})
+
+
+def test_invalid_construction_is_rejected():
+    with pytest.raises(ValueError, match="indices but"):
+        SparseTensor((4,), torch.tensor([0, 1]), torch.ones(3))
+    with pytest.raises(ValueError, match="dense values"):
+        SparseTensor((4,), None, torch.ones(3))
+    with pytest.raises(KeyError, match="lacks"):
+        SparseTaskVector.from_dense({"a": torch.zeros(2)}, {"b": torch.ones(2, dtype=torch.bool)})
+
+
+def test_save_load_round_trip(tmp_path):
+    d = _delta()
+    tv = SparseTaskVector.from_dense(d, magnitude_mask(d, 0.8))
+    tv = SparseTaskVector({**tv, "c.dense": SparseTensor((3,), None, torch.arange(3.0))})
+    path = tmp_path / "tv.safetensors"
+    tv.save(path)
+    back = SparseTaskVector.load(path)
+    assert list(back) == list(tv)
+    for n, t in tv.items():
+        assert back[n].shape == t.shape
+        assert torch.equal(back[n].values, t.values)
+        assert (back[n].indices is None) == (t.indices is None)
+        if t.indices is not None:
+            assert torch.equal(back[n].indices, t.indices)
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        SparseTaskVector.load(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an fl_lota task vector"):
+        SparseTaskVector.load(tmp_path / "other.safetensors")
