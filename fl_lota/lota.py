@@ -30,7 +30,10 @@ class LotaConfig:
     """sparsity: frozen fraction (0.9 = 10% trainable). calibration_steps, or
     calibration_fraction of one epoch (default: as many steps as the sparse phase).
     iterative: further sparsities, each extracted from the previous LoTA model's task
-    vector (e.g. (0.99,) for the paper's 90 -> 99)."""
+    vector (e.g. (0.99,) for the paper's 90 -> 99). sparse_lr: learning rate of the sparse
+    phase (default: the training config's, as for calibration); the reference scripts give
+    the sparse run a higher rate than full fine-tuning, since with RMSprop each entry moves
+    about ``lr`` per step and only the masked fraction moves at all."""
 
     sparsity: float = 0.9
     mask_mode: str = "global"
@@ -39,6 +42,7 @@ class LotaConfig:
     calibration_fraction: float | None = None
     scope: tuple[str, ...] = DEFAULT_SCOPE
     iterative: tuple[float, ...] = ()
+    sparse_lr: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,6 +57,8 @@ class LotaConfig:
             raise ValueError("calibration_steps must be >= 1")
         if self.calibration_fraction is not None and not 0 < self.calibration_fraction <= 1:
             raise ValueError("calibration_fraction must lie in (0, 1]")
+        if self.sparse_lr is not None and not self.sparse_lr > 0:
+            raise ValueError(f"sparse_lr must be > 0, got {self.sparse_lr}")
         if self.calibration_steps is not None and self.calibration_fraction is not None:
             raise ValueError("give calibration_steps or calibration_fraction, not both")
         object.__setattr__(self, "scope", tuple([self.scope] if isinstance(self.scope, str) else self.scope))
@@ -91,7 +97,7 @@ def calibrate(
     masks, for LoTTO) do not train."""
     base = {n: p.detach().clone() for n, p in params.items()}
     masks = {n: ~m for n, m in frozen.items() if n in params} if frozen else None
-    stats = train(model, params, batches, cfg, masks=masks, steps=steps)
+    stats = train(model, params, batches, cfg, masks=masks, steps=steps, desc="lota calibrate")
     with torch.no_grad():
         delta = {n: p.detach().float() - base[n].float() for n, p in params.items()}
         for n, p in params.items():
@@ -99,17 +105,8 @@ def calibrate(
     return delta, stats
 
 
-def extract(
-    delta: Mapping[str, torch.Tensor],
-    sparsity: float,
-    *,
-    mode: str = "global",
-    selector: str = "magnitude",
-    exclude: Iterable[Mask] = (),
-    seed: int = 0,
-) -> Mask:
-    """Phase 2: the mask (True = trainable) at ``sparsity``; ``exclude`` for LoTTO."""
-    return extract_mask(delta, sparsity, selector=selector, mode=mode, exclude=exclude, seed=seed)
+# Phase 2: the mask (True = trainable) at a sparsity; ``exclude`` earlier masks for LoTTO.
+extract = extract_mask
 
 
 def sparse_adapt(
@@ -129,7 +126,7 @@ def sparse_adapt(
     idx = {n: torch.nonzero(m.reshape(-1), as_tuple=False).reshape(-1) for n, m in mask.items()}
     base_vals = {n: params[n].detach().reshape(-1)[i].float().clone() for n, i in idx.items()}
     sub = {n: params[n] for n in mask}
-    stats = train(model, sub, batches, cfg, masks=mask, steps=steps)
+    stats = train(model, sub, batches, cfg, masks=mask, steps=steps, desc="lota sparse")
     tv = SparseTaskVector(
         {
             n: SparseTensor(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -63,11 +63,12 @@ def _lota(model, examples, cfg, pad_id, *, mask: Mask | None = None, exclude: Se
         del delta
         phases["extract"] = time.perf_counter() - t1
     history.append(mask)
+    sparse_cfg = replace(cfg, lr=lc.sparse_lr) if lc.sparse_lr is not None else cfg
     losses = []
     base = {n: p.detach().clone() for n, p in params.items()} if lc.iterative else {}
     for sparsity in lc.iterative:
         t1 = time.perf_counter()
-        tv, st = sparse_adapt(model, batches(), cfg, params, mask)
+        tv, st = sparse_adapt(model, batches(), sparse_cfg, params, mask)
         losses += st.losses
         with torch.no_grad():
             for n, p in params.items():  # back to the base, bit for bit
@@ -76,7 +77,7 @@ def _lota(model, examples, cfg, pad_id, *, mask: Mask | None = None, exclude: Se
         history.append(mask)
         phases[f"iterate_{sparsity}"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    tv, st = sparse_adapt(model, batches(), cfg, params, mask)
+    tv, st = sparse_adapt(model, batches(), sparse_cfg, params, mask)
     phases["sparse_adapt"] = time.perf_counter() - t1
     n = sum(int(m.sum()) for m in mask.values())
     return FinetuneResult("lota", tv, mask, n, losses + st.losses, time.perf_counter() - t0, phases, history)
@@ -88,7 +89,7 @@ def _fft(model, examples, cfg, pad_id, *, scope: Sequence[str] | str = DEFAULT_S
     params = scope_params(model, scope)
     base = {n: p.detach().clone() for n, p in params.items()}
     batches = batch_iterator(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, max_len=cfg.max_len)
-    st = train(model, params, batches, cfg)
+    st = train(model, params, batches, cfg, desc="fft")
     delta = {n: p.detach().float() - base[n].float() for n, p in params.items()}
     n = sum(p.numel() for p in params.values())
     return FinetuneResult(

@@ -29,6 +29,13 @@ class _Masked(torch.optim.Optimizer):
         m = self._masks.get(id(p))
         p.copy_(new if m is None else torch.where(m, new, p))
 
+    def _with_grads(self):
+        """(group, param, float32 grad, state) for every parameter that has a gradient."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    yield group, p, p.grad.float(), self.state[p]
+
     def mask_grads_(self) -> None:
         """Zero gradients at frozen entries (call before clipping, so norms count only
         trainable entries, and so optimizer state never accumulates there)."""
@@ -47,20 +54,15 @@ class MaskedRMSprop(_Masked):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for group, p, g, st in self._with_grads():
             lr, alpha, eps, wd = group["lr"], group["alpha"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
-                st = self.state[p]
-                if not st:
-                    st["square_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                v = st["square_avg"]
-                v.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-                new = p.float() * (1 - lr * wd) if wd else p.float()
-                new = new.addcdiv(g, v.sqrt().add_(eps), value=-lr)
-                self._write(p, new.to(p.dtype))
+            if not st:
+                st["square_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            v = st["square_avg"]
+            v.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+            new = p.float() * (1 - lr * wd) if wd else p.float()
+            new = new.addcdiv(g, v.sqrt().add_(eps), value=-lr)
+            self._write(p, new.to(p.dtype))
 
 
 class MaskedAdamW(_Masked):
@@ -71,26 +73,21 @@ class MaskedAdamW(_Masked):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
+        for group, p, g, st in self._with_grads():
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                st["step"] += 1
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                bc1, bc2 = 1 - b1 ** st["step"], 1 - b2 ** st["step"]
-                denom = (v / bc2).sqrt_().add_(eps)
-                new = p.float() * (1 - lr * wd) if wd else p.float()
-                new = new.addcdiv(m, denom, value=-lr / bc1)
-                self._write(p, new.to(p.dtype))
+            if not st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            st["step"] += 1
+            m, v = st["exp_avg"], st["exp_avg_sq"]
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            bc1, bc2 = 1 - b1 ** st["step"], 1 - b2 ** st["step"]
+            denom = (v / bc2).sqrt_().add_(eps)
+            new = p.float() * (1 - lr * wd) if wd else p.float()
+            new = new.addcdiv(m, denom, value=-lr / bc1)
+            self._write(p, new.to(p.dtype))
 
 
 OPTIMIZERS = {"rmsprop": MaskedRMSprop, "adamw": MaskedAdamW}

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
+from tqdm.auto import tqdm
 
 from .optim import OPTIMIZERS, build_optimizer, clip_per_tensor_
 
@@ -75,6 +76,7 @@ def train(
     cfg: TrainConfig,
     masks: Mapping[str, torch.Tensor] | None = None,
     steps: int | None = None,
+    desc: str = "train",
 ) -> TrainStats:
     """Train ``params`` (name -> parameter) for ``steps`` (default ``cfg.steps``) optimizer
     steps; every other parameter is frozen for the duration (requires_grad restored after).
@@ -98,6 +100,7 @@ def train(
     was_training = model.training
     model.train()
     t0 = time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=steps < 2)
     try:
         for _ in range(steps):
             ts = time.perf_counter()
@@ -118,7 +121,10 @@ def train(
             opt.zero_grad(set_to_none=True)
             stats.losses.append(total)
             stats.step_seconds.append(time.perf_counter() - ts)
+            bar.set_postfix(loss=f"{total:.3f}", refresh=False)
+            bar.update()
     finally:
+        bar.close()
         for p, rg in saved.items():
             p.requires_grad_(rg)
             p.grad = None

@@ -198,4 +198,17 @@ def test_bad_configuration_is_named(tiny, toy):
 def test_library_never_imports_flower():
     root = pathlib.Path(__file__).resolve().parents[1] / "fl_lota"
     for path in root.rglob("*.py"):
-        assert not re.search(r"^\s*(import|from)\s+flwr", path.read_text(), re.M), path
+        assert not re.search(r"^\s*(import|from)\s+flwr(\.|\s|$)", path.read_text(), re.M), path
+
+
+def test_sparse_lr_changes_only_the_sparse_phase(toy):
+    cfg = TrainConfig(steps=3, lr=1e-3)
+    a = finetune("lota", load_model("tiny"), toy, cfg, pad_id=PAD)
+    b = finetune("lota", load_model("tiny"), toy, cfg, pad_id=PAD, sparse_lr=1e-2)
+    assert all(torch.equal(a.mask[n], b.mask[n]) for n in a.mask)  # same calibration, same mask
+    ratio = sum(float(b.delta[n].values.abs().sum()) for n in b.delta) / sum(
+        float(a.delta[n].values.abs().sum()) for n in a.delta
+    )
+    assert ratio > 3  # RMSprop moves each entry about lr per step
+    with pytest.raises(ValueError, match="sparse_lr must be > 0"):
+        finetune("lota", load_model("tiny"), toy, cfg, pad_id=PAD, sparse_lr=0.0)

@@ -1,0 +1,90 @@
+"""Evaluation: batched greedy generation with a KV cache, then each task's metric.
+
+The merging literature reports the *normalized score*: the merged model's score on a task
+divided by the score of the model fine-tuned on that task alone, averaged over tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompting import format_prompt
+from .tasks.base import Sample, Task
+
+__all__ = ["evaluate", "generate", "normalized_scores"]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy replies to raw user prompts (formatted with the chat template here).
+    Left padding, KV cache, stops at EOS; special tokens stripped from the replies."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        texts = [format_prompt(tokenizer, p) for p in prompts]
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
+            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task: Task,
+    *,
+    samples: Sequence[Sample] | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """The task's metrics on its test split (or ``samples``), plus ``n``."""
+    samples = task.test if samples is None else samples
+    preds = generate(
+        model,
+        tokenizer,
+        [s.prompt for s in samples],
+        max_new_tokens=max_new_tokens or task.max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"eval {task.name}",
+    )
+    return task.score(preds, samples) | {"n": len(samples)}
+
+
+def normalized_scores(scores: Mapping[str, float], single_task: Mapping[str, float]) -> dict[str, float]:
+    """Per task score / single-task fine-tuned score, and their ``mean``. A task whose
+    reference score is 0 has no normalized score (left out, not divided by zero)."""
+    out = {t: scores[t] / single_task[t] for t in scores if single_task.get(t, 0) > 0}
+    if out:
+        out["mean"] = sum(out.values()) / len(out)
+    return out

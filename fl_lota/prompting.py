@@ -1,0 +1,30 @@
+"""Text samples to token ids: the model's chat template where it has one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .data import Example
+from .tasks.base import Sample
+
+__all__ = ["format_prompt", "to_examples"]
+
+
+def format_prompt(tokenizer, text: str) -> str:
+    """The prompt as the model expects it: a user turn plus the assistant header from the
+    chat template, or ``"<text>\\nAnswer: "`` for models without one."""
+    if getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return f"{text}\nAnswer: "
+
+
+def to_examples(tokenizer, samples: Sequence[Sample]) -> list[Example]:
+    """Token ids for training: the formatted prompt, then the answer and EOS."""
+    eos = tokenizer.eos_token_id
+    out = []
+    for s in samples:
+        p = tokenizer(format_prompt(tokenizer, s.prompt), add_special_tokens=False)["input_ids"]
+        a = tokenizer(s.answer, add_special_tokens=False)["input_ids"]
+        out.append(Example(tuple(p), tuple(a) + ((eos,) if eos is not None else ())))
+    return out

@@ -1,0 +1,49 @@
+"""Task suite: one registry of generated and real tasks, each with its own metric.
+
+``get_task(name, n_train=, n_test=, seed=, source=)`` returns a Task with a seeded train/test
+split that never overlaps. Generated: math, sql, classify, instruct, summarize. Real (hub
+name or local files via ``source``): gsm8k, arc_easy, boolq, sql_create_context, samsum.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .base import Sample, Task, unique_split
+from .generated import GENERATORS
+from .metrics import METRICS
+from .real import CONVERTERS, load_rows
+
+__all__ = ["GENERATED", "METRICS", "REAL", "TASKS", "Sample", "Task", "get_task"]
+
+GENERATED = tuple(GENERATORS)
+REAL = tuple(CONVERTERS)
+TASKS = GENERATED + REAL
+
+
+def get_task(name: str, *, n_train: int = 256, n_test: int = 64, seed: int = 0, source: str | None = None) -> Task:
+    if name in GENERATORS:
+        make, metric, extra, max_new = GENERATORS[name]
+        rng = random.Random(f"{name}:{seed}")
+        train, test = unique_split(lambda: make(rng), n_train, n_test)
+        return Task(name, metric, train, test, extra, max_new)
+    if name in CONVERTERS:
+        convert, metric, extra, max_new = CONVERTERS[name]
+        train_rows = load_rows(name, source, "train")
+        try:
+            test_rows = load_rows(name, source, "test")
+        except (FileNotFoundError, ValueError):
+            test_rows = None
+        rng = random.Random(f"{name}:{seed}")
+        if test_rows is None:  # hold out deterministically from train
+            rng.shuffle(train_rows)
+            test_rows, train_rows = train_rows[:n_test], train_rows[n_test:]
+        train = [convert(r) for r in rng.sample(train_rows, min(n_train, len(train_rows)))]
+        test_pick = rng.sample(range(len(test_rows)), min(n_test, len(test_rows)))
+        test = [convert(test_rows[i]) for i in sorted(test_pick)]
+        seen = {s.prompt for s in test}
+        train = [s for s in train if s.prompt not in seen]
+        if not train or not test:
+            raise ValueError(f"task {name}: empty {'train' if not train else 'test'} split")
+        return Task(name, metric, train, test, extra, max_new)
+    raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")

@@ -1,0 +1,61 @@
+"""The task type: text samples with a seeded train/test split and a metric."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = ["Sample", "Task", "unique_split"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """prompt: the user's request; answer: the target reply; meta: what the metric needs
+    (SQL set-up, answer choices, the reference number ...)."""
+
+    prompt: str
+    answer: str
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Task:
+    name: str
+    metric: str  # key of fl_lota.tasks.metrics.METRICS: the task's headline score
+    train: list[Sample]
+    test: list[Sample]
+    extra_metrics: tuple[str, ...] = ()
+    max_new_tokens: int = 48
+
+    def score(self, predictions: Sequence[str], samples: Sequence[Sample] | None = None) -> dict[str, float]:
+        """Mean of the task's metric (``score``) and its extra metrics over the test set
+        (or ``samples``), in [0, 1]."""
+        from .metrics import METRICS
+
+        samples = self.test if samples is None else samples
+        if len(predictions) != len(samples):
+            raise ValueError(f"{len(predictions)} predictions for {len(samples)} samples")
+        out = {}
+        for name in (self.metric, *self.extra_metrics):
+            fn = METRICS[name]
+            vals = [fn(p, s) for p, s in zip(predictions, samples, strict=True)]
+            out[name] = sum(vals) / max(len(vals), 1)
+        out["score"] = out[self.metric]
+        return out
+
+
+def unique_split(make: Callable[[], Sample], n_train: int, n_test: int, max_tries: int = 100) -> tuple[list, list]:
+    """Draw samples until ``n_train + n_test`` distinct prompts exist; the first
+    ``n_test`` go to test. Prompts never repeat, so train and test cannot overlap."""
+    seen, out = set(), []
+    tries = 0
+    while len(out) < n_train + n_test:
+        s = make()
+        if s.prompt in seen:
+            tries += 1
+            if tries > max_tries * (n_train + n_test):
+                raise ValueError(f"generator ran out of distinct prompts after {len(out)}")
+            continue
+        seen.add(s.prompt)
+        out.append(s)
+    return out[n_test:], out[:n_test]

