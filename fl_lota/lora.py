@@ -10,7 +10,7 @@ import torch
 
 from .train import TrainConfig, TrainStats, train
 
-__all__ = ["LoraOptions", "lora_finetune"]
+__all__ = ["LoraOptions", "LoraResult", "lora_finetune"]
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,23 @@ class LoraOptions:
         return {f.name for f in fields(cls)}
 
 
+@dataclass
+class LoraResult:
+    delta: dict[str, torch.Tensor]  # dense B @ A * alpha / r per adapted weight
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # weight -> (B * alpha / r, A): (out, r), (r, in)
+    stats: TrainStats
+    n_params: int  # adapter parameters trained
+
+
 def lora_finetune(
     model: torch.nn.Module,
     batches: Iterator[dict[str, torch.Tensor]],
     cfg: TrainConfig,
     opts: LoraOptions,
-) -> tuple[dict[str, torch.Tensor], TrainStats, int]:
+) -> LoraResult:
     """Train LoRA adapters, merge them into ``model`` in place (the model ends tuned, as
-    after the other methods) and return the dense delta B @ A * alpha / r per adapted
-    weight (named as in ``model``), the stats and the adapter parameter count."""
+    after the other methods) and return the dense deltas and the low-rank factors per
+    adapted weight (named as in ``model``), the stats and the adapter parameter count."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
@@ -47,11 +55,13 @@ def lora_finetune(
     peft_model = get_peft_model(model, pcfg)
     params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
     stats = train(peft_model, params, batches, cfg, desc="lora")
-    delta = {}
+    delta, factors = {}, {}
     with torch.no_grad():
         for name, mod in peft_model.base_model.model.named_modules():
             if isinstance(mod, LoraLayer) and "default" in mod.lora_A:
                 delta[f"{name}.weight"] = mod.get_delta_weight("default").detach().float().clone()
+                b = mod.lora_B["default"].weight.detach().float() * mod.scaling["default"]
+                factors[f"{name}.weight"] = (b.clone(), mod.lora_A["default"].weight.detach().float().clone())
     n_params = sum(p.numel() for p in params.values())
     peft_model.merge_and_unload()
-    return delta, stats, n_params
+    return LoraResult(delta, factors, stats, n_params)

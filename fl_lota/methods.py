@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from . import lowrank
 from .data import Example, batch_iterator
 from .lora import LoraOptions, lora_finetune
 from .lota import LotaConfig, calibrate, extract, lotto_frozen, scope_params, sparse_adapt
@@ -34,6 +35,7 @@ class FinetuneResult:
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     masks_history: list[Mask] = field(default_factory=list)  # iterative calibration
+    factors: SparseTaskVector | None = None  # lora: the update as low-rank factors (fl_lota.lowrank)
 
 
 def _check_options(method: str, given: Iterable[str], known: set[str]) -> None:
@@ -100,9 +102,17 @@ def _fft(model, examples, cfg, pad_id, *, scope: Sequence[str] | str = DEFAULT_S
 def _lora(model, examples, cfg, pad_id, **opts):
     _check_options("lora", opts, LoraOptions.option_names())
     batches = batch_iterator(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, max_len=cfg.max_len)
-    delta, st, n = lora_finetune(model, batches, cfg, LoraOptions(**opts))
+    res = lora_finetune(model, batches, cfg, LoraOptions(**opts))
+    st = res.stats
     return FinetuneResult(
-        "lora", SparseTaskVector.from_dense(delta), None, n, st.losses, st.seconds, {"train": st.seconds}
+        "lora",
+        SparseTaskVector.from_dense(res.delta),
+        None,
+        res.n_params,
+        st.losses,
+        st.seconds,
+        {"train": st.seconds},
+        factors=lowrank.pack(res.factors),
     )
 
 

@@ -148,6 +148,33 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         return SparseTaskVector({n: SparseTensor(t.shape, t.indices, values[n]) for n, t in self._tensors.items()})
 
     @torch.no_grad()
+    def add(self, other: SparseTaskVector, scale: float = 1.0) -> SparseTaskVector:
+        """``self + scale * other`` on the union of both supports, tensor by tensor (one
+        dense buffer of one tensor at a time). A tensor whose union covers every entry is
+        stored dense. Shapes of shared names must agree."""
+        out = {}
+        for name in dict.fromkeys([*self._tensors, *other._tensors]):
+            a, b = self._tensors.get(name), other._tensors.get(name)
+            if a is not None and b is not None and a.shape != b.shape:
+                raise ValueError(f"{name}: shapes {a.shape} and {b.shape} differ")
+            shape = (a or b).shape
+            numel = math.prod(shape)
+            acc = torch.zeros(numel, dtype=torch.float32)
+            held = torch.zeros(numel, dtype=torch.bool)
+            for t, s in ((a, 1.0), (b, scale)):
+                if t is None:
+                    continue
+                idx = t.flat_indices().cpu()
+                acc.index_add_(0, idx, t.values.detach().float().cpu() * s)
+                held[idx] = True
+            if bool(held.all()):
+                out[name] = SparseTensor(shape, None, acc)
+            else:
+                idx = torch.nonzero(held).reshape(-1)
+                out[name] = SparseTensor(shape, idx, acc[idx])
+        return SparseTaskVector(out)
+
+    @torch.no_grad()
     def apply_to(self, params: Mapping[str, torch.Tensor] | torch.nn.Module, scale: float = 1.0) -> None:
         """In place: ``param += scale * delta`` at the kept entries (accumulated in the
         parameter's dtype). Raises KeyError on a tensor the target lacks."""

@@ -1,0 +1,1 @@
+"""fl-lota's Flower ClientApp (a thin wrapper over ``fl_lota.fedclient``)."""

@@ -1,0 +1,60 @@
+"""The ClientApp: one federated client, one task (``fl_lota.fedclient`` does the work).
+
+Its partition comes from the node config (``partition-id``: set by the simulation engine,
+or by ``flower-supernode --node-config "partition-id=0 num-partitions=4"``); its task and
+every setting from the run config. The LoTA mask lives in the node state between rounds.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_lota.fedclient import LocalNode
+from fl_lota.runconfig import RunConfig
+
+from .wire import ARRAYS, CONFIG, METRICS, PAYLOAD, STATE, fltv_array, payloads
+
+app = ClientApp()
+
+_NODES: dict[tuple[RunConfig, int], LocalNode] = {}
+
+
+def _node(context: Context) -> LocalNode:
+    cfg = RunConfig.from_run_config(context.run_config)
+    if "partition-id" not in context.node_config:
+        raise ValueError("node config lacks 'partition-id'; start the SuperNode with --node-config 'partition-id=N'")
+    pid = int(context.node_config["partition-id"])
+    if (cfg, pid) not in _NODES:  # data is built once per process and client
+        _NODES.clear()
+        _NODES[(cfg, pid)] = LocalNode(cfg, pid)
+    return _NODES[(cfg, pid)]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    node = _node(context)
+    received = payloads(msg.content[ARRAYS])
+    config = msg.content[CONFIG]
+    state = context.state.array_records.get(STATE)
+    mask_payload = payloads(state)[""] if state is not None and PAYLOAD in state else None
+    out = node.train(
+        received[""],
+        mask_payload,
+        eval_start=bool(config.get("eval-start", False)),
+        eval_local=bool(config.get("eval-local", False)),
+    )
+    if out.mask_payload is not None:  # keep the mask for the values-only rounds
+        context.state[STATE] = ArrayRecord({PAYLOAD: fltv_array(out.mask_payload)})
+    content = RecordDict({ARRAYS: ArrayRecord({PAYLOAD: fltv_array(out.payload)}), METRICS: MetricRecord(out.metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    node = _node(context)
+    received = payloads(msg.content[ARRAYS])
+    config = msg.content[CONFIG]
+    primary = str(config.get("merge", "global"))
+    candidates = {(name or primary): p for name, p in received.items()}
+    return Message(content=RecordDict({METRICS: MetricRecord(node.evaluate(candidates))}), reply_to=msg)

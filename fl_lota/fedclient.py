@@ -1,0 +1,167 @@
+"""A federated client's work, free of Flower: start from the global model, fine-tune on the
+local task, encode the update, evaluate. ``clients/app.py`` wraps this in a ClientApp.
+
+The global model is ``base + G``: every client holds the base weights (the model name is
+part of the run config) and receives the cumulative merged update ``G`` as an FLTV payload,
+so a client that missed rounds still starts from the right weights. Uploads are the round's
+update ``trained - (base + G)``:
+
+    lota, first round a client takes part in:  calibrate -> extract mask -> sparse adapt;
+                                               full payload (indices + values)
+    lota, later rounds:                        sparse adapt on the same mask;
+                                               values-only payload (the server holds the mask)
+    fft:                                       dense payload, every round
+    lora:                                      the low-rank factors (fl_lota.lowrank), every round
+
+The mask is kept by the caller (Flower's node state) as the first round's payload bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import codec
+from .evaluate import evaluate
+from .methods import finetune
+from .models import load
+from .partition import ClientData, client_data
+from .prompting import to_examples
+from .runconfig import RunConfig
+from .task_vector import SparseTaskVector
+
+__all__ = ["LocalNode", "TrainOutcome", "load_base"]
+
+_BASE: dict[tuple[str, str], tuple[torch.nn.Module, object, dict[str, torch.Tensor]]] = {}
+
+
+def load_base(model: str, device: str):
+    """(model, tokenizer, base state) for ``model`` on ``device``, loaded once per process
+    (Ray actors and SuperNodes serve many rounds). One model is kept at a time."""
+    key = (model, device)
+    if key not in _BASE:
+        _BASE.clear()
+        m, tok = load(model, device=device)
+        base = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        _BASE[key] = (m, tok, base)
+    return _BASE[key]
+
+
+@dataclass
+class TrainOutcome:
+    payload: bytes  # the FLTV upload
+    values_only: bool
+    mask_payload: bytes | None  # set when a new mask was made: keep it for later rounds
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class LocalNode:
+    """Client ``partition_id`` of the federation in ``cfg``."""
+
+    def __init__(self, cfg: RunConfig, partition_id: int) -> None:
+        self.cfg = cfg
+        self.partition_id = partition_id
+        self.data: ClientData = client_data(
+            cfg.spec, partition_id, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed
+        )
+        if not self.data.train:
+            raise ValueError(f"client {partition_id} of federation {cfg.federation!r} holds no training data")
+        self.device = cfg.resolved_device()
+
+    # ---- model state -------------------------------------------------------------
+
+    def _model_at(self, global_payload: bytes) -> tuple[torch.nn.Module, object, float]:
+        """The model reset to ``base + G``; returns (model, tokenizer, seconds)."""
+        t0 = time.perf_counter()
+        model, tok, base = load_base(self.cfg.model, self.device)
+        model.load_state_dict(base)
+        g = codec.decode(global_payload, max_bytes=None)
+        if len(g):
+            g.apply_to(model)
+        return model, tok, time.perf_counter() - t0
+
+    def _scores(self, model, tok, prefix: str) -> dict[str, float]:
+        out = {}
+        for task in self.data.tasks:
+            out[f"{prefix}.{task.name}"] = float(evaluate(model, tok, task, progress=False)["score"])
+            out[f"n.{task.name}"] = float(len(task.test))
+        return out
+
+    # ---- one training round ------------------------------------------------------
+
+    def train(
+        self,
+        global_payload: bytes,
+        mask_payload: bytes | None = None,
+        *,
+        eval_start: bool = False,
+        eval_local: bool = False,
+    ) -> TrainOutcome:
+        """Fine-tune from ``base + G``. ``mask_payload``: the payload that registered this
+        client's LoTA mask in an earlier round (reuse the mask, upload values only).
+        eval_start / eval_local: also score the received model / the locally tuned one."""
+        cfg = self.cfg
+        model, tok, load_s = self._model_at(global_payload)
+        metrics: dict[str, float] = {"partition-id": float(self.partition_id), "load-seconds": load_s}
+        if eval_start:
+            t0 = time.perf_counter()
+            metrics |= self._scores(model, tok, "start-score")
+            metrics["eval-seconds"] = time.perf_counter() - t0
+        mask = None
+        if cfg.method == "lota" and mask_payload is not None:
+            mask = codec.decode(mask_payload).masks()
+        opts = cfg.finetune_options(first_round=mask is None)
+        if mask is not None:
+            opts["mask"] = mask
+        examples = to_examples(tok, self.data.train)
+        t0 = time.perf_counter()
+        res = finetune(cfg.method, model, examples, cfg.train_config(), pad_id=tok.pad_token_id, **opts)
+        metrics["train-seconds"] = time.perf_counter() - t0
+        for phase, s in res.phases.items():
+            metrics[f"seconds.{phase}"] = s
+        if eval_local:
+            t0 = time.perf_counter()
+            metrics |= self._scores(model, tok, "local-score")
+            metrics["eval-seconds"] = metrics.get("eval-seconds", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        values_only = mask is not None
+        upload = res.factors if res.factors is not None else res.delta  # lora: the low-rank factors
+        payload = codec.encode(upload, values=cfg.values, values_only=values_only)
+        new_mask = payload if cfg.method == "lota" and mask is None else None
+        metrics["codec-seconds"] = time.perf_counter() - t0
+        metrics |= {
+            "num-examples": float(len(examples)),
+            "loss-first": float(res.losses[0]),
+            "loss-last": float(res.losses[-1]),
+            "steps": float(len(res.losses)),
+            "trained-params": float(res.trained_params),
+            "nnz": float(upload.nnz),  # values sent
+            "numel": float(res.delta.numel),  # entries of the dense update they stand for
+            "payload-bytes": float(len(payload)),
+            "values-only": float(values_only),
+            "index-entropy-bytes": 0.0 if values_only else _index_entropy_bytes(upload),
+        }
+        return TrainOutcome(payload, values_only, new_mask, metrics)
+
+    # ---- evaluation of received models -------------------------------------------
+
+    def evaluate(self, payloads: dict[str, bytes]) -> dict[str, float]:
+        """Score ``base + G_m`` for each candidate ``m`` (merge name -> global payload) on
+        this client's test split(s): keys ``score.<task>@<merge>``."""
+        out: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for name, payload in payloads.items():
+            model, tok, _ = self._model_at(payload)
+            for key, v in self._scores(model, tok, "score").items():
+                out[f"{key}@{name}" if key.startswith("score.") else key] = v
+        out["eval-seconds"] = time.perf_counter() - t0
+        out["num-examples"] = float(sum(len(t.test) for t in self.data.tasks))
+        out["partition-id"] = float(self.partition_id)
+        return out
+
+
+def _index_entropy_bytes(tv: SparseTaskVector) -> float:
+    """The mask's entropy bound in bytes: what any index code needs at least."""
+    return sum(codec.index_entropy_bits(t.numel, t.nnz) for t in tv.values() if not t.is_dense) / 8

@@ -1,0 +1,113 @@
+"""The server's side of a round, free of Flower: decode uploads, merge, update the global
+model, and keep the books. ``server/strategy.py`` wraps this in a Flower strategy.
+
+State: ``G``, the cumulative merged update (the global model is ``base + G``), and the
+mask each LoTA client registered with its first (full) upload, against which its later
+values-only uploads are decoded. ``G`` is kept exactly as clients decode it from the wire
+(``decode(encode(G))``), so server and clients hold bit-identical global weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from . import codec, lowrank
+from .merge import merge
+from .runconfig import RunConfig
+from .task_vector import SparseTaskVector
+
+__all__ = ["Aggregator", "Upload", "UploadError"]
+
+
+class UploadError(ValueError):
+    """An upload that cannot be used this round; the message names the client and why."""
+
+
+@dataclass
+class Upload:
+    client: str  # stable id of the sender (Flower node id)
+    payload: bytes
+    weight: float  # merge weight: the client's example count
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RoundMerge:
+    """What one aggregation produced, for the round's record."""
+
+    accepted: list[str]
+    rejected: dict[str, str]  # client -> reason
+    merge_seconds: float
+    decode_seconds: float
+    global_nnz: int
+    global_numel: int
+    global_bytes: int
+    candidate_bytes: dict[str, int]
+
+
+class Aggregator:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.global_tv = SparseTaskVector()
+        self.global_payload = codec.encode(self.global_tv, values=cfg.values)
+        self.masks: dict[str, SparseTaskVector] = {}  # client -> registered layout
+        self.candidates: dict[str, bytes] = {}  # merge name -> G_m payload (scored, not kept)
+
+    def decode(self, up: Upload) -> SparseTaskVector:
+        """The upload's task vector. Full payloads (re)register the client's mask;
+        values-only payloads decode against it. Raises UploadError naming the problem."""
+        try:
+            head = codec.peek(up.payload, max_bytes=self.cfg.max_upload_bytes)
+            if head.values_only:
+                if up.client not in self.masks:
+                    raise UploadError(f"client {up.client}: values-only upload but no mask registered")
+                return codec.decode(up.payload, mask=self.masks[up.client], max_bytes=self.cfg.max_upload_bytes)
+            tv = codec.decode(up.payload, max_bytes=self.cfg.max_upload_bytes)
+        except codec.CodecError as e:
+            raise UploadError(f"client {up.client}: {e}") from None
+        if lowrank.is_lowrank(tv):  # LoRA factors: merge their exact products
+            try:
+                return lowrank.expand(tv)
+            except ValueError as e:
+                raise UploadError(f"client {up.client}: {e}") from None
+        if self.cfg.method == "lota":
+            self.masks[up.client] = tv
+        return tv
+
+    def aggregate(self, uploads: Sequence[Upload]) -> RoundMerge:
+        """Merge this round's uploads into ``G`` with the run's merge method, and build the
+        candidates ``G + merge_m(uploads)`` for each further merge to be scored."""
+        t0 = time.perf_counter()
+        vectors, weights, accepted, rejected = [], [], [], {}
+        for up in uploads:
+            try:
+                vectors.append(self.decode(up))
+            except UploadError as e:
+                rejected[up.client] = str(e)
+                continue
+            weights.append(up.weight)
+            accepted.append(up.client)
+        decode_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.candidates = {}
+        if vectors:
+            for name in self.cfg.merges:
+                merged = merge(name, vectors, weights, **self.cfg.merge_params(name))
+                payload = codec.encode(self.global_tv.add(merged), values=self.cfg.values)
+                self.candidates[name] = payload
+            self.global_payload = self.candidates[self.cfg.merge]
+            self.global_tv = codec.decode(self.global_payload)
+        else:
+            self.candidates = {self.cfg.merge: self.global_payload}
+        return RoundMerge(
+            accepted=accepted,
+            rejected=rejected,
+            merge_seconds=time.perf_counter() - t0,
+            decode_seconds=decode_s,
+            global_nnz=self.global_tv.nnz,
+            global_numel=self.global_tv.numel,
+            global_bytes=len(self.global_payload),
+            candidate_bytes={k: len(v) for k, v in self.candidates.items()},
+        )

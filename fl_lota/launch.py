@@ -1,0 +1,191 @@
+"""Launching a Flower app the way a user does (``flwr run``), and waiting for its outcome.
+
+``flwr run`` (Flower >= 1.26) submits the run to a local SuperLink it starts in the
+background, and can exit 0 when the run itself failed; ``launch`` therefore reads the run's
+final status from ``flwr list --format json`` and raises ``RunFailed`` with Flower's reason.
+The library never imports flwr: this module drives its command line.
+
+The SuperLink keeps the environment of its first launch. ``launch`` sets
+``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (use this environment's packages, do not
+build one per run) and ``FLWR_TELEMETRY_ENABLED=0`` for it unless the caller's environment
+says otherwise; ``flwr_home`` isolates its state (tests use a temporary one and
+``stop_local_superlink`` afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["RunFailed", "RunOutcome", "launch", "stop_local_superlink", "toml_overrides"]
+
+
+class RunFailed(RuntimeError):
+    """A Flower run that did not finish as completed."""
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    status: str
+    seconds: float
+    log: str
+
+
+def _flwr() -> list[str]:
+    exe = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+    if not Path(exe).exists():
+        raise FileNotFoundError("the 'flwr' command is not installed; pip install 'flwr[simulation]==1.41.0'")
+    return [exe]
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string
+    raise TypeError(f"run config values must be str, int, float or bool, got {v!r}")
+
+
+def toml_overrides(config: Mapping[str, object]) -> str:
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(flwr_home: str | Path | None) -> dict[str, str]:
+    """The environment for flwr commands. With ``flwr_home``, a private local SuperLink:
+    its own state folder and its own ports (Flower's local SuperLink otherwise listens on
+    fixed ports, so a run would go to whichever SuperLink already holds them)."""
+    env = dict(os.environ)
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if flwr_home is not None:
+        home = Path(flwr_home)
+        home.mkdir(parents=True, exist_ok=True)
+        ports = home / "fl-lota-ports.json"
+        if not ports.exists():  # fixed per home, so later calls find the same SuperLink
+            ports.write_text(json.dumps({"http": _free_port(), "control": _free_port()}))
+        p = json.loads(ports.read_text())
+        env["FLWR_HOME"] = str(home)
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(p["http"])
+        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(p["control"])
+    return env
+
+
+def _run_status(run_id: str, env: dict[str, str]) -> dict:
+    out = subprocess.run([*_flwr(), "list", "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        runs = json.loads(out.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError):
+        raise RunFailed(f"cannot read run status from 'flwr list': {out.stdout[-500:]} {out.stderr[-500:]}") from None
+    for r in runs:
+        if str(r.get("run-id")) == run_id:
+            return r
+    raise RunFailed(f"run {run_id} not listed by 'flwr list'")
+
+
+def launch(
+    app: str | Path,
+    *,
+    run_config: Mapping[str, object] | None = None,
+    config_file: str | Path | None = None,
+    federation_config: Mapping[str, object] | None = None,
+    flwr_home: str | Path | None = None,
+    timeout: float = 24 * 3600,
+    echo: bool = True,
+) -> RunOutcome:
+    """``flwr run app --stream`` with ``config_file`` and then ``run_config`` as overrides;
+    waits for the run to finish and returns its outcome, or raises ``RunFailed``."""
+    app = Path(app)
+    if not (app / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"no Flower app at {app} (expected {app / 'pyproject.toml'})")
+    merged: dict[str, object] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"run config file not found: {path}")
+        merged |= tomllib.loads(path.read_text())
+    merged |= dict(run_config or {})
+    env = _env(flwr_home)
+    cmd = [*_flwr(), "run", str(app), "--stream"]
+    overrides = None
+    if merged:
+        fd, overrides = tempfile.mkstemp(suffix=".toml", prefix="fl-lota-run-config-")
+        with os.fdopen(fd, "w") as f:
+            f.write(toml_overrides(merged))
+        cmd += ["--run-config", overrides]
+    if federation_config:
+        cmd += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
+    t0 = time.perf_counter()
+    lines: list[str] = []
+    try:
+        with subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if echo:
+                    sys.stdout.write(line)
+                if time.perf_counter() - t0 > timeout:
+                    proc.kill()
+                    raise RunFailed(f"flwr run took longer than {timeout:.0f} s")
+    finally:
+        if overrides is not None:
+            os.unlink(overrides)
+    text = "".join(lines)
+    m = re.search(r"Successfully started run (\d+)", text)
+    if not m:
+        raise RunFailed(f"flwr run did not start a run (exit {proc.returncode}):\n{text[-3000:]}")
+    run_id = m.group(1)
+    status = {}
+    for _ in range(120):  # the stream can end a moment before the status is final
+        status = _run_status(run_id, env)
+        if str(status.get("status", "")).startswith("finished"):
+            break
+        time.sleep(1.0)
+    seconds = time.perf_counter() - t0
+    if status.get("status") != "finished:completed":
+        raise RunFailed(f"run {run_id} ended as {status.get('status')}: {status.get('status-details')}")
+    return RunOutcome(run_id, status["status"], seconds, text)
+
+
+def stop_local_superlink(flwr_home: str | Path) -> list[int]:
+    """Stop the background SuperLink(s) that ``flwr run`` started for ``flwr_home``; returns
+    the PIDs signalled. Matched by the state database path on their command line."""
+    marker = str(Path(flwr_home) / "local-superlink")
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline and marker in cmdline:
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+                pids.append(int(proc.name))
+            except ProcessLookupError:
+                pass
+    return pids

@@ -1,0 +1,186 @@
+"""The federated run's settings: parsed once, where they enter, into a frozen dataclass.
+
+Flower hands both apps the run config as a flat mapping (``[tool.flwr.app.config]`` in the
+app's pyproject.toml, overridden by ``flwr run --run-config``). ``RunConfig.from_run_config``
+is the only place that reads it: an unknown key, a value of the wrong type or out of range
+is an error naming the key. Keys are the dashed names below (``KEYS``); a sim's
+pyproject.toml and every file under its ``conf/`` are checked against them by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from . import codec
+from .merge import MERGE_METHODS
+from .methods import FINETUNE_METHODS
+from .optim import OPTIMIZERS
+from .partition import FederationSpec
+from .train import TrainConfig
+
+__all__ = ["KEYS", "RunConfig", "RunConfigError"]
+
+
+class RunConfigError(ValueError):
+    """A run-config key that is unknown, ill-typed or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_server_rounds: int = 2
+    model: str = "default"  # 'default' (embedded SmolLM2-135M-Instruct), 'tiny', hub id or path
+    federation: str = "math,sql,classify,instruct"  # see fl_lota.partition.FederationSpec
+    method: str = "lota"  # lota | fft | lora
+    merge: str = "mask_aware"  # the merge that makes the global model
+    eval_merges: str = ""  # further merges scored on the same uploads each round, comma-separated
+    sparsity: float = 0.9  # lota: frozen fraction
+    mask_mode: str = "global"
+    calibration_steps: int = 10  # lota: full fine-tuning steps that find the mask (first round)
+    local_steps: int = 20  # optimizer steps per round (lota: of sparse adaptation)
+    lr: float = 5e-5
+    sparse_lr: float = 1e-4  # lota: learning rate of the sparse phase; 0 = same as lr
+    optimizer: str = "rmsprop"
+    batch_size: int = 8
+    max_grad_norm: float = 1.0
+    max_len: int = 256
+    bf16: bool = True
+    lora_rank: int = 8
+    merge_lam: float = 1.0  # scale of the merged update (task arithmetic's lambda)
+    ties_k: float = 0.2  # ties: kept fraction of each update
+    values: str = "bf16"  # wire dtype of update values: float32 | bf16 | int8
+    n_train: int = 256
+    n_test: int = 32
+    eval_every: int = 1  # federated evaluation every N rounds (the last round always)
+    fraction_train: float = 1.0
+    min_train_nodes: int = 0  # 0: every client of the federation
+    max_upload_mb: float = 2048.0  # larger uploads are refused before decoding
+    round_timeout: float = 3600.0  # seconds to wait for replies
+    results_dir: str = ""  # absolute; '' = ~/fl-lota-results/<timestamp>-<method>-<merge>
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> RunConfigError:
+            return RunConfigError(f"run config {key!r}: {why}")
+
+        for name, choices in (("method", FINETUNE_METHODS), ("merge", MERGE_METHODS), ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in choices:
+                raise bad(name, f"{getattr(self, name)!r} is not one of {sorted(choices)}")
+        for m in self.extra_merges:
+            if m not in MERGE_METHODS:
+                raise bad("eval-merges", f"{m!r} is not one of {sorted(MERGE_METHODS)}")
+        if self.values not in codec.VALUE_DTYPES:
+            raise bad("values", f"{self.values!r} is not one of {sorted(codec.VALUE_DTYPES)}")
+        if self.mask_mode not in ("global", "per_tensor"):
+            raise bad("mask-mode", "must be 'global' or 'per_tensor'")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise bad("sparsity", f"must lie in [0, 1), got {self.sparsity}")
+        for key in ("num_server_rounds", "local_steps", "calibration_steps", "batch_size", "eval_every", "n_test"):
+            if getattr(self, key) < 1:
+                raise bad(key.replace("_", "-"), f"must be >= 1, got {getattr(self, key)}")
+        for key in ("lr", "max_upload_mb", "round_timeout", "n_train", "max_len", "lora_rank"):
+            if not getattr(self, key) > 0:
+                raise bad(key.replace("_", "-"), f"must be > 0, got {getattr(self, key)}")
+        if self.sparse_lr < 0 or self.max_grad_norm < 0 or self.min_train_nodes < 0:
+            raise bad("sparse-lr/max-grad-norm/min-train-nodes", "must be >= 0")
+        if not 0 < self.fraction_train <= 1:
+            raise bad("fraction-train", f"must lie in (0, 1], got {self.fraction_train}")
+        if not 0 < self.ties_k <= 1:
+            raise bad("ties-k", f"must lie in (0, 1], got {self.ties_k}")
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.results_dir and not Path(os.path.expanduser(self.results_dir)).is_absolute():
+            raise bad(
+                "results-dir",
+                f"{self.results_dir!r} is relative; give an absolute path (the SuperLink that runs the "
+                "ServerApp keeps the working directory of its first launch, not yours)",
+            )
+        try:
+            FederationSpec.parse(self.federation)
+        except ValueError as e:
+            raise bad("federation", str(e)) from None
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> RunConfig:
+        """Parse Flower's run config (dashed keys). Unknown keys and wrong types are errors."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise RunConfigError(f"unknown run config key(s) {unknown}; known: {sorted(known)}")
+        kw = {}
+        for key, value in run_config.items():
+            f = known[key]
+            want = type(getattr(cls(), f.name))  # the default's type
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise RunConfigError(f"run config {key!r}: expected {want.__name__}, got {value!r}")
+            kw[f.name] = value
+        return cls(**kw)
+
+    def with_overrides(self, **kw) -> RunConfig:
+        return replace(self, **kw)
+
+    # ---- derived settings -------------------------------------------------------------
+
+    @property
+    def spec(self) -> FederationSpec:
+        return FederationSpec.parse(self.federation)
+
+    @property
+    def extra_merges(self) -> tuple[str, ...]:
+        names = [m.strip() for m in self.eval_merges.split(",") if m.strip()]
+        return tuple(dict.fromkeys(m for m in names if m != self.merge))
+
+    @property
+    def merges(self) -> tuple[str, ...]:
+        """The global model's merge first, then the ones only scored."""
+        return (self.merge, *self.extra_merges)
+
+    def merge_params(self, method: str) -> dict[str, object]:
+        if method == "ties":
+            return {"k": self.ties_k, "lam": self.merge_lam}
+        if method in ("mask_aware", "task_arithmetic"):
+            return {"lam": self.merge_lam}
+        return {}
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.local_steps,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            max_grad_norm=self.max_grad_norm or None,
+            batch_size=self.batch_size,
+            max_len=self.max_len,
+            bf16=self.bf16,
+            seed=self.seed,
+        )
+
+    def finetune_options(self, *, first_round: bool) -> dict[str, object]:
+        if self.method == "lota":
+            opts: dict[str, object] = {"sparsity": self.sparsity, "mask_mode": self.mask_mode, "seed": self.seed}
+            if self.sparse_lr:
+                opts["sparse_lr"] = self.sparse_lr
+            if first_round:
+                opts["calibration_steps"] = self.calibration_steps
+            return opts
+        if self.method == "lora":
+            return {"rank": self.lora_rank, "alpha": 2 * self.lora_rank}
+        return {}
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1e6)
+
+
+KEYS: tuple[str, ...] = tuple(f.name.replace("_", "-") for f in fields(RunConfig))

@@ -1,0 +1,1 @@
+"""fl-lota's Flower ServerApp and strategy (thin wrappers over ``fl_lota.fedserver``)."""

@@ -1,0 +1,203 @@
+"""RoundBook: the server's record of each round, one JSON row per round in metrics.jsonl.
+
+Bytes are those counted on the Flower messages (``count_bytes()`` of every record in a
+message's content): ``uplink_bytes`` (train replies), ``downlink_bytes`` (train
+instructions, carrying the global update) and ``eval_downlink_bytes`` (evaluate
+instructions, carrying the global update and any further merges to score). Next to them:
+``uplink_payload_bytes`` (the FLTV payloads alone), ``dense_fp32_bytes`` (the same updates
+sent as dense float32) and ``index_entropy_bytes`` (the masks' entropy bound).
+
+Scores: ``scores[merge][task]`` from federated evaluation of the merged model(s) on the
+clients' test splits; ``local_scores[task]``: each client's own fine-tuned model this round
+(the single-task reference); ``normalized[merge]``: merged / local, and their ``mean``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from fl_lota.fedserver import RoundMerge
+from fl_lota.runconfig import RunConfig
+
+__all__ = ["RoundBook"]
+
+
+def _weighted(pairs: list[tuple[float, float]]) -> float:
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
+
+
+class RoundBook:
+    def __init__(self, cfg: RunConfig, results_dir: Path) -> None:
+        self.cfg = cfg
+        self.dir = Path(results_dir)
+        self.path = self.dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        self.row: dict = {}
+        self._node_pid: dict[int, int] = {}
+
+    def client_name(self, partition: int) -> str:
+        spec = self.cfg.spec
+        if spec.alpha is None and 0 <= partition < len(spec.tasks):
+            return spec.tasks[partition]
+        return f"client-{partition}"
+
+    # ---- the round, as it happens ---------------------------------------------------
+
+    def start_round(self, server_round: int, downlink: dict[int, int]) -> None:
+        self.row = {
+            "round": server_round,
+            "method": self.cfg.method,
+            "merge": self.cfg.merge,
+            "sampled": len(downlink),
+            "downlink_bytes": sum(downlink.values()),
+            "eval_downlink_bytes": 0,
+            "clients": [],
+            "failures": {},
+            "rejected": {},
+        }
+        self._downlink = downlink
+        self._evals: list[tuple[int, dict[str, float]]] = []
+
+    def failure(self, node: int, reason: str) -> None:
+        self.row["failures"][str(node)] = reason
+
+    def reject(self, node: int, reason: str) -> None:
+        self.row["rejected"][str(node)] = reason
+
+    def upload(self, node: int, message_bytes: int, array_bytes: int, m: dict[str, float]) -> None:
+        pid = int(m.get("partition-id", -1))
+        self._node_pid[node] = pid
+        self.row["clients"].append(
+            {
+                "node": str(node),
+                "partition": pid,
+                "client": self.client_name(pid),
+                "message_bytes": message_bytes,
+                "array_bytes": array_bytes,
+                "payload_bytes": int(m.get("payload-bytes", 0)),
+                "downlink_bytes": self._downlink.get(node, 0),
+                "values_only": bool(m.get("values-only", 0)),
+                "nnz": int(m.get("nnz", 0)),
+                "numel": int(m.get("numel", 0)),
+                "index_entropy_bytes": m.get("index-entropy-bytes", 0.0),
+                "examples": int(m.get("num-examples", 0)),
+                "loss_first": m.get("loss-first"),
+                "loss_last": m.get("loss-last"),
+                "train_seconds": m.get("train-seconds", 0.0),
+                "eval_seconds": m.get("eval-seconds", 0.0),
+                "load_seconds": m.get("load-seconds", 0.0),
+                "codec_seconds": m.get("codec-seconds", 0.0),
+                "metrics": m,
+            }
+        )
+
+    def merged(self, result: RoundMerge, *, train_wall: float) -> None:
+        cs = self.row["clients"]
+        accepted = set(result.accepted)
+        good = [c for c in cs if c["node"] in accepted]
+        self.row |= {
+            "replied": len(cs),
+            "accepted": len(good),
+            "partial": len(good) < self.row["sampled"],
+            "uplink_bytes": sum(c["message_bytes"] for c in cs),
+            "uplink_array_bytes": sum(c["array_bytes"] for c in cs),
+            "uplink_payload_bytes": sum(c["payload_bytes"] for c in cs),
+            "dense_fp32_bytes": 4 * sum(c["numel"] for c in cs),
+            "index_entropy_bytes": sum(c["index_entropy_bytes"] for c in cs),
+            "values_only_uploads": sum(c["values_only"] for c in cs),
+            "global": {
+                "nnz": result.global_nnz,
+                "numel": result.global_numel,
+                "bytes": result.global_bytes,
+                "candidate_bytes": result.candidate_bytes,
+            },
+            "seconds": {
+                "train_wall": train_wall,
+                "merge": result.merge_seconds,
+                "decode": result.decode_seconds,
+                "client_train": sum(c["train_seconds"] for c in cs),
+                "client_eval_in_train": sum(c["eval_seconds"] for c in cs),
+                "client_load": sum(c["load_seconds"] for c in cs),
+                "client_codec": sum(c["codec_seconds"] for c in cs),
+            },
+        }
+        self.row["start_scores"] = self._task_scores([(c["partition"], c["metrics"]) for c in cs], "start-score.")
+        self.row["local_scores"] = self._task_scores([(c["partition"], c["metrics"]) for c in cs], "local-score.")
+
+    def train_summary(self) -> dict[str, float]:
+        r = self.row
+        return {"uplink-bytes": r["uplink_bytes"], "downlink-bytes": r["downlink_bytes"], "accepted": r["accepted"]}
+
+    def eval_sent(self, downlink: dict[int, int]) -> None:
+        self.row["eval_downlink_bytes"] = sum(downlink.values())
+
+    def evaluated(self, node: int, metrics: dict[str, float]) -> None:
+        self._evals.append((int(metrics.get("partition-id", -1)), metrics))
+
+    def end_round(self, *, eval_wall: float, round_wall: float) -> dict:
+        row = self.row
+        row.setdefault("uplink_bytes", 0)
+        scores: dict[str, dict[str, float]] = {}
+        for merge in self.cfg.merges:
+            s = self._task_scores(self._evals, "score.", suffix=f"@{merge}")
+            if s:
+                scores[merge] = s
+        row["scores"] = scores
+        row["mean_score"] = {m: sum(s.values()) / len(s) for m, s in scores.items()}
+        local = row.get("local_scores", {})
+        row["normalized"] = {}
+        for m, s in scores.items():
+            norm = {t: v / local[t] for t, v in s.items() if local.get(t, 0) > 0}
+            if norm:
+                norm["mean"] = sum(norm.values()) / len(norm)
+            row["normalized"][m] = norm
+        row.setdefault("seconds", {})
+        row["seconds"] |= {
+            "eval_wall": eval_wall,
+            "round_wall": round_wall,
+            "client_eval": sum(m.get("eval-seconds", 0.0) for _, m in self._evals),
+        }
+        prev = self.rows[-1] if self.rows else {}
+        for key in ("uplink_bytes", "downlink_bytes", "eval_downlink_bytes"):
+            row[f"cumulative_{key}"] = prev.get(f"cumulative_{key}", 0) + row.get(key, 0)
+        self.rows.append(row)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:  # one complete line per round, flushed to disk
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return row
+
+    def _task_scores(self, items: list[tuple[int, dict[str, float]]], prefix: str, suffix: str = "") -> dict:
+        """Per task, the mean of ``<prefix><task><suffix>`` over clients weighted by their
+        test-set sizes ``n.<task>``."""
+        pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for _, m in items:
+            for key, v in m.items():
+                if key.startswith(prefix) and key.endswith(suffix):
+                    task = key[len(prefix) : len(key) - len(suffix) if suffix else None]
+                    pairs[task].append((v, m.get(f"n.{task}", 1.0)))
+        return {t: _weighted(p) for t, p in sorted(pairs.items())}
+
+    # ---- printing -----------------------------------------------------------------
+
+    @staticmethod
+    def round_line(row: dict) -> str:
+        mb = 1e6
+        parts = [
+            f"round {row['round']}: {row.get('accepted', 0)}/{row['sampled']} uploads",
+            f"uplink {row['uplink_bytes'] / mb:.2f} MB"
+            + (f" (dense fp32 {row['dense_fp32_bytes'] / mb:.1f} MB)" if row.get("dense_fp32_bytes") else ""),
+            f"downlink {row['downlink_bytes'] / mb:.2f} MB + eval {row['eval_downlink_bytes'] / mb:.2f} MB",
+        ]
+        for m, s in row.get("scores", {}).items():
+            tasks = " ".join(f"{t}={v:.3f}" for t, v in s.items())
+            norm = row["normalized"].get(m, {}).get("mean")
+            parts.append(f"[{m}] {tasks}" + (f" norm={norm:.3f}" if norm is not None else ""))
+        if row.get("rejected") or row.get("failures"):
+            parts.append(f"rejected {len(row['rejected'])}, failed {len(row['failures'])}")
+        return " | ".join(parts)

@@ -1,0 +1,127 @@
+"""LotaFedAvg: Flower's FedAvg with fl-lota's merge in place of weighted array averaging.
+
+Overrides only what differs (the FedMedian way): replies are FLTV payloads decoded and
+merged by ``fl_lota.fedserver.Aggregator``; the global update goes out encoded; each round's
+bytes, as counted on the actual messages (``count_bytes()``), and scores go to a
+``RoundBook`` that writes ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from clients.wire import ARRAYS, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
+from fl_lota.fedserver import Aggregator, Upload
+from fl_lota.runconfig import RunConfig
+
+from .book import RoundBook
+
+__all__ = ["LotaFedAvg"]
+
+
+class LotaFedAvg(FedAvg):
+    def __init__(self, cfg: RunConfig, book: RoundBook, *, num_clients: int) -> None:
+        n_train = cfg.min_train_nodes or num_clients
+        super().__init__(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=min(n_train, num_clients),
+            min_evaluate_nodes=num_clients,
+            min_available_nodes=num_clients,
+        )
+        self.cfg = cfg
+        self.book = book
+        self.aggregator = Aggregator(cfg)
+        self._t: dict[str, float] = {}
+
+    def initial_arrays(self) -> ArrayRecord:
+        return ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
+
+    def is_eval_round(self, server_round: int) -> bool:
+        return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
+
+    # ---- training ----------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._t = {"round-start": time.perf_counter()}
+        config["eval-start"] = server_round == 1
+        config["eval-local"] = self.is_eval_round(server_round)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self.book.start_round(server_round, {m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
+        self._t["train-sent"] = time.perf_counter()
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t_recv = time.perf_counter()
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        for msg in errors:
+            self.book.failure(msg.metadata.src_node_id, msg.error.reason)
+        uploads = []
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            try:
+                payload = payloads(msg.content[ARRAYS])[""]
+                metrics = {k: float(v) for k, v in msg.content[METRICS].items()}
+                weight = metrics["num-examples"]
+            except (KeyError, ValueError, TypeError) as e:
+                self.book.failure(node, f"malformed reply: {e!r}")
+                continue
+            self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), metrics)
+            uploads.append(Upload(str(node), payload, weight, metrics))
+        result = self.aggregator.aggregate(uploads)
+        for client, reason in result.rejected.items():
+            log(WARNING, "round %d: rejected upload: %s", server_round, reason)
+            self.book.reject(int(client), reason)
+        self.book.merged(result, train_wall=t_recv - self._t.get("train-sent", t_recv))
+        if not result.accepted:
+            log(WARNING, "round %d: no usable uploads; the global model is unchanged", server_round)
+            return None, None
+        arrays = ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
+        return arrays, MetricRecord(self.book.train_summary())
+
+    # ---- evaluation --------------------------------------------------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._t["eval-start"] = time.perf_counter()
+        if not self.is_eval_round(server_round):
+            return []
+        config["merge"] = self.cfg.merge
+        record = ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
+        for name, payload in self.aggregator.candidates.items():
+            if name != self.cfg.merge:
+                record[f"{PAYLOAD}@{name}"] = fltv_array(payload)
+        messages = list(super().configure_evaluate(server_round, record, config, grid))
+        self.book.eval_sent({m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid, errors = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        for msg in errors:
+            self.book.failure(msg.metadata.src_node_id, f"evaluate: {msg.error.reason}")
+        for msg in valid:
+            try:
+                metrics = {k: float(v) for k, v in msg.content[METRICS].items()}
+            except (KeyError, ValueError, TypeError) as e:
+                self.book.failure(msg.metadata.src_node_id, f"malformed evaluate reply: {e!r}")
+                continue
+            self.book.evaluated(msg.metadata.src_node_id, metrics)
+        now = time.perf_counter()
+        row = self.book.end_round(
+            eval_wall=now - self._t.get("eval-start", now), round_wall=now - self._t.get("round-start", now)
+        )
+        log(INFO, "%s", self.book.round_line(row))
+        means = {f"score-mean@{m}": v for m, v in row["mean_score"].items()}
+        return MetricRecord(means) if means else None

@@ -1,0 +1,196 @@
+"""The federated round without Flower: LocalNode (client) and Aggregator (server)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fl_lota import codec, lowrank
+from fl_lota.fedclient import LocalNode, load_base
+from fl_lota.fedserver import Aggregator, Upload
+from fl_lota.merge import merge
+from fl_lota.runconfig import RunConfig
+from fl_lota.task_vector import SparseTaskVector, SparseTensor
+
+TINY = dict(
+    model="tiny",
+    federation="math,classify",
+    calibration_steps=2,
+    local_steps=2,
+    batch_size=4,
+    max_len=64,
+    n_train=16,
+    n_test=4,
+    bf16=False,
+    device="cpu",
+)
+
+
+def sparse_tv(seed: int, density: float = 0.1, shapes=None) -> SparseTaskVector:
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"a": (8, 16), "b": (32,)}
+    out = {}
+    for name, shape in shapes.items():
+        n = int(torch.tensor(shape).prod())
+        idx = torch.randperm(n, generator=g)[: max(1, int(density * n))].sort().values
+        out[name] = SparseTensor(shape, idx, torch.randn(idx.numel(), generator=g))
+    return SparseTaskVector(out)
+
+
+def test_add_is_the_sum_on_the_union_of_supports():
+    a, b = sparse_tv(0), sparse_tv(1)
+    s = a.add(b, scale=0.5)
+    for name in a:
+        want = a[name].to_dense() + 0.5 * b[name].to_dense()
+        assert torch.allclose(s[name].to_dense(), want)
+        assert s[name].nnz == int((a[name].mask() | b[name].mask()).sum())
+    full = SparseTaskVector({"a": SparseTensor((2,), None, torch.ones(2))})
+    assert full.add(SparseTaskVector({"a": SparseTensor((2,), torch.tensor([1]), torch.ones(1))}))["a"].is_dense
+    with pytest.raises(ValueError, match="shapes"):
+        full.add(SparseTaskVector({"a": SparseTensor((3,), None, torch.ones(3))}))
+
+
+def test_aggregator_registers_masks_and_decodes_values_only_uploads():
+    cfg = RunConfig(values="float32", merge="mask_aware", eval_merges="ties,fedavg")
+    agg = Aggregator(cfg)
+    t1, t2 = sparse_tv(0), sparse_tv(1)
+    r1 = agg.aggregate(
+        [Upload("1", codec.encode(t1, values="float32"), 10), Upload("2", codec.encode(t2, values="float32"), 30)]
+    )
+    assert r1.accepted == ["1", "2"] and not r1.rejected
+    want = merge("mask_aware", [t1, t2], [10, 30])
+    for n in want:
+        assert torch.allclose(agg.global_tv[n].to_dense(), want[n].to_dense())
+    assert set(agg.candidates) == {"mask_aware", "ties", "fedavg"}
+    assert agg.global_payload == agg.candidates["mask_aware"]
+    # round 2: values only, decoded against the registered masks
+    v1 = t1.with_values({n: t.values * 2 for n, t in t1.items()})
+    g1 = agg.global_tv
+    r2 = agg.aggregate([Upload("1", codec.encode(v1, values="float32", values_only=True), 10)])
+    assert r2.accepted == ["1"]
+    for n in t1:
+        assert torch.allclose(agg.global_tv[n].to_dense(), g1[n].to_dense() + v1[n].to_dense())
+
+
+def test_global_update_is_what_clients_decode():
+    agg = Aggregator(RunConfig(values="bf16"))
+    agg.aggregate([Upload("1", codec.encode(sparse_tv(0)), 1), Upload("2", codec.encode(sparse_tv(1)), 1)])
+    received = codec.decode(agg.global_payload)
+    for n in received:
+        assert torch.equal(received[n].values, agg.global_tv[n].values)
+        assert torch.equal(received[n].flat_indices(), agg.global_tv[n].flat_indices())
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: codec.encode(sparse_tv(0), values_only=True), "no mask registered"),
+        (lambda: b"FLTV" + bytes(60), "version"),
+        (lambda: codec.encode(sparse_tv(0))[:-1] + b"\x00", "checksum"),
+        (lambda: b"not a payload at all, sorry" * 3, "magic"),
+        (lambda: bytes(10), "truncated"),
+    ],
+)
+def test_bad_uploads_are_rejected_by_name_and_the_round_goes_on(make, reason):
+    agg = Aggregator(RunConfig())
+    good = sparse_tv(3)
+    r = agg.aggregate([Upload("7", make(), 1), Upload("8", codec.encode(good), 1)])
+    assert r.accepted == ["8"]
+    assert "client 7" in r.rejected["7"] and reason in r.rejected["7"].lower()
+
+
+def test_oversized_uploads_are_refused_before_decoding():
+    agg = Aggregator(RunConfig(max_upload_mb=0.0001))  # 100 bytes
+    r = agg.aggregate([Upload("1", codec.encode(sparse_tv(0, density=0.9)), 1)])
+    assert not r.accepted and "1" in r.rejected
+    assert agg.global_tv.nnz == 0  # nothing merged, global unchanged
+
+
+def test_lota_client_uploads_full_then_values_only_and_the_server_follows():
+    cfg = RunConfig(**TINY)
+    node = LocalNode(cfg, 0)
+    assert [t.name for t in node.data.tasks] == ["math"]
+    agg = Aggregator(cfg)
+    first = node.train(agg.global_payload, eval_start=True, eval_local=True)
+    assert not first.values_only and first.mask_payload == first.payload
+    assert "start-score.math" in first.metrics and "local-score.math" in first.metrics
+    assert first.metrics["nnz"] == pytest.approx(0.1 * first.metrics["numel"], rel=0.01)
+    r = agg.aggregate([Upload("n0", first.payload, first.metrics["num-examples"])])
+    assert r.accepted == ["n0"]
+    second = node.train(agg.global_payload, first.mask_payload)
+    assert second.values_only and second.mask_payload is None
+    assert len(second.payload) < len(first.payload)
+    g1 = agg.global_tv
+    r = agg.aggregate([Upload("n0", second.payload, second.metrics["num-examples"])])
+    assert r.accepted == ["n0"]
+    # the support never leaves the registered mask
+    mask = codec.decode(first.mask_payload).masks()
+    for n, t in agg.global_tv.items():
+        assert not (t.mask() & ~mask[n]).any()
+    assert any(not torch.equal(agg.global_tv[n].values, g1[n].values) for n in g1)
+
+
+def test_client_starts_from_base_plus_global():
+    cfg = RunConfig(**TINY)
+    node = LocalNode(cfg, 1)
+    g = sparse_tv(0, shapes={"model.layers.0.mlp.up_proj.weight": (128, 64)})
+    model, _, _ = node._model_at(codec.encode(g, values="float32"))
+    _, _, base = load_base(cfg.model, "cpu")
+    name = "model.layers.0.mlp.up_proj.weight"
+    got = dict(model.named_parameters())[name].detach()
+    assert torch.allclose(got, base[name] + g[name].to_dense())
+    model, _, _ = node._model_at(codec.encode(SparseTaskVector()))  # and back to base exactly
+    assert torch.equal(dict(model.named_parameters())[name].detach(), base[name])
+
+
+def test_fft_uploads_dense_every_round():
+    cfg = RunConfig(**TINY, method="fft", merge="fedavg")
+    out = LocalNode(cfg, 1).train(codec.encode(SparseTaskVector()))
+    assert not out.values_only and out.mask_payload is None
+    tv = codec.decode(out.payload)
+    assert all(t.is_dense for t in tv.values()) and tv.nnz == out.metrics["numel"]
+
+
+def test_lora_uploads_its_factors_and_the_server_merges_their_products():
+    cfg = RunConfig(**TINY, method="lora", merge="fedavg", lora_rank=2, values="float32")
+    node = LocalNode(cfg, 1)
+    model, _, _ = node._model_at(codec.encode(SparseTaskVector()))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = node.train(codec.encode(SparseTaskVector()))
+    sent = codec.decode(out.payload)
+    assert lowrank.is_lowrank(sent) and out.metrics["nnz"] == sent.nnz < out.metrics["numel"]
+    agg = Aggregator(cfg)
+    agg.aggregate([Upload("1", out.payload, 1.0)])
+    model, _, _ = load_base(cfg.model, "cpu")  # still holds the tuned weights
+    for name, t in agg.global_tv.items():
+        tuned = dict(model.named_parameters())[name].detach()
+        assert torch.allclose(before[name] + t.to_dense(), tuned, atol=1e-5), name
+
+
+def test_lowrank_expand_checks_its_factors():
+    b, a = torch.randn(6, 2), torch.randn(2, 5)
+    tv = lowrank.pack({"w": (b, a)})
+    assert torch.allclose(lowrank.expand(tv)["w"].to_dense(), b @ a)
+    broken = SparseTaskVector({"w::lora_B": tv["w::lora_B"]})
+    with pytest.raises(ValueError, match="unpaired"):
+        lowrank.expand(broken)
+    bad = SparseTaskVector({"w::lora_B": tv["w::lora_B"], "w::lora_A": SparseTensor((3, 5), None, torch.zeros(15))})
+    with pytest.raises(ValueError, match="do not multiply"):
+        lowrank.expand(bad)
+    agg = Aggregator(RunConfig())
+    r = agg.aggregate([Upload("9", codec.encode(bad), 1.0)])
+    assert "client 9" in r.rejected["9"] and "do not multiply" in r.rejected["9"]
+
+
+def test_evaluate_scores_each_candidate():
+    cfg = RunConfig(**TINY)
+    node = LocalNode(cfg, 1)
+    empty = codec.encode(SparseTaskVector())
+    m = node.evaluate({"mask_aware": empty, "ties": empty})
+    assert {"score.classify@mask_aware", "score.classify@ties", "n.classify"} <= set(m)
+    assert m["score.classify@mask_aware"] == m["score.classify@ties"]  # same model, same score
+
+
+def test_partition_outside_the_federation_is_an_error():
+    with pytest.raises(ValueError, match="partition id 2"):
+        LocalNode(RunConfig(**TINY), 2)
