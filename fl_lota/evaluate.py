@@ -27,6 +27,7 @@ def generate(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "generate",
+    chat: bool | Sequence[bool] = True,
 ) -> list[str]:
     """Greedy replies to raw user prompts (formatted with the chat template here).
     Left padding, KV cache, stops at EOS; special tokens stripped from the replies."""
@@ -37,7 +38,8 @@ def generate(
     model.eval()
     out: list[str] = []
     try:
-        texts = [format_prompt(tokenizer, p) for p in prompts]
+        chats = [chat] * len(prompts) if isinstance(chat, bool) else list(chat)
+        texts = [format_prompt(tokenizer, p, c) for p, c in zip(prompts, chats, strict=True)]
         for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
             enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
@@ -77,6 +79,7 @@ def evaluate(
         batch_size=batch_size,
         progress=progress,
         desc=f"eval {task.name}",
+        chat=[s.meta.get("chat", True) for s in samples],
     )
     return task.score(preds, samples) | {"n": len(samples)}
 

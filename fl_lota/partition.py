@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tasks import TASKS, Sample, Task, get_task
+from .tasks import Sample, Task, check_task, get_task
 
 __all__ = ["ClientData", "FederationSpec", "client_data"]
 
@@ -29,9 +29,11 @@ class FederationSpec:
         if not parts:
             raise ValueError("empty federation string; example: 'math,sql,classify,instruct'")
         tasks = tuple(t.strip() for t in parts[0].split(",") if t.strip())
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task(s) {unknown} in federation {text!r}; known: {', '.join(TASKS)}")
+        for t in tasks:
+            try:
+                check_task(t)
+            except ValueError as e:
+                raise ValueError(f"in federation {text!r}: {e}") from None
         opts = {}
         for p in parts[1:]:
             key, sep, val = p.partition("=")

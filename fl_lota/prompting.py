@@ -10,10 +10,10 @@ from .tasks.base import Sample
 __all__ = ["format_prompt", "to_examples"]
 
 
-def format_prompt(tokenizer, text: str) -> str:
+def format_prompt(tokenizer, text: str, chat: bool = True) -> str:
     """The prompt as the model expects it: a user turn plus the assistant header from the
-    chat template, or ``"<text>\\nAnswer: "`` for models without one."""
-    if getattr(tokenizer, "chat_template", None):
+    chat template, or ``"<text>\\nAnswer: "`` for models without one (or ``chat=False``)."""
+    if chat and getattr(tokenizer, "chat_template", None):
         msgs = [{"role": "user", "content": text}]
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return f"{text}\nAnswer: "
@@ -24,7 +24,9 @@ def to_examples(tokenizer, samples: Sequence[Sample]) -> list[Example]:
     eos = tokenizer.eos_token_id
     out = []
     for s in samples:
-        p = tokenizer(format_prompt(tokenizer, s.prompt), add_special_tokens=False)["input_ids"]
+        p = tokenizer(format_prompt(tokenizer, s.prompt, s.meta.get("chat", True)), add_special_tokens=False)[
+            "input_ids"
+        ]
         a = tokenizer(s.answer, add_special_tokens=False)["input_ids"]
         out.append(Example(tuple(p), tuple(a) + ((eos,) if eos is not None else ())))
     return out

@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--model", default=DEFAULT_MODEL, help="'default' (embedded SmolLM2-135M-Instruct), 'tiny', hub id or path"
     )
-    ap.add_argument("--task", required=True, choices=TASKS)
+    ap.add_argument(
+        "--task",
+        required=True,
+        help=f"{', '.join(TASKS)}, or a spec: file:/abs/train.jsonl?prompt=q&answer=a&metric=exact_match (README)",
+    )
     ap.add_argument("--source", help="hub name or local folder/file for real datasets")
     ap.add_argument("--method", default="lota", choices=sorted(FINETUNE_METHODS))
     ap.add_argument("--sparsity", type=float, default=0.9, help="lota: frozen fraction (0.9 = 10%% trainable)")
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     try:
         out = run(args)
-    except (FileNotFoundError, ValueError) as e:  # missing model or data, bad option: say so, no traceback
+    except (FileNotFoundError, ValueError) as e:  # missing model or data, bad option or spec: say so
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.json:

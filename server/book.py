@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fl_lota.fedserver import RoundMerge
 from fl_lota.runconfig import RunConfig
+from fl_lota.tasks import task_label
 
 __all__ = ["RoundBook"]
 
@@ -42,7 +43,7 @@ class RoundBook:
     def client_name(self, partition: int) -> str:
         spec = self.cfg.spec
         if spec.alpha is None and 0 <= partition < len(spec.tasks):
-            return spec.tasks[partition]
+            return task_label(spec.tasks[partition])
         return f"client-{partition}"
 
     # ---- the round, as it happens ---------------------------------------------------

@@ -90,3 +90,26 @@ def test_compare_writes_one_table_over_methods_and_merges(flwr_home, tmp_path):
     table = (tmp_path / "compare.md").read_text()
     assert "| lota | ties |" in table and "| fft | fedavg |" in table
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_flwr_run_with_custom_task_files(flwr_home, tmp_path):
+    from test_custom_tasks import CHOICE, ROWS, write
+
+    adder = write(tmp_path / "adder.jsonl", ROWS)
+    tickets = write(tmp_path / "tickets.csv", CHOICE)
+    federation = (
+        f"file:{adder}?prompt=question&answer=answer&metric=exact_number,"
+        f"file:{tickets}?prompt=text&answer=team&metric=choice&name=router"
+    )
+    out = tmp_path / "results"
+    launch(
+        APP,
+        config_file=TINY,
+        run_config={"results-dir": str(out), "federation": federation, "num-server-rounds": 1},
+        federation_config=FED,
+        flwr_home=flwr_home,
+    )
+    (row,) = read_rows(out / "metrics.jsonl")
+    assert sorted(c["client"] for c in row["clients"]) == ["adder", "router"]
+    assert set(row["scores"]["mask_aware"]) == {"adder", "router"}
+    assert all(0.0 <= v <= 1.0 for v in row["scores"]["mask_aware"].values())

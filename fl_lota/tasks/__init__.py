@@ -10,18 +10,47 @@ from __future__ import annotations
 import random
 
 from .base import Sample, Task, unique_split
+from .custom import TaskSpecError, is_spec, load_custom, parse_spec
 from .generated import GENERATORS
 from .metrics import METRICS
 from .real import CONVERTERS, load_rows
 
-__all__ = ["GENERATED", "METRICS", "REAL", "TASKS", "Sample", "Task", "get_task"]
+__all__ = [
+    "GENERATED",
+    "METRICS",
+    "REAL",
+    "TASKS",
+    "Sample",
+    "Task",
+    "TaskSpecError",
+    "check_task",
+    "get_task",
+    "task_label",
+]
 
 GENERATED = tuple(GENERATORS)
 REAL = tuple(CONVERTERS)
 TASKS = GENERATED + REAL
 
 
+def check_task(name: str) -> None:
+    """Fail now, without reading any data, on a name that is neither a known task nor a
+    well-formed ``file:`` / ``hf:`` spec (fl_lota.tasks.custom)."""
+    if is_spec(name):
+        parse_spec(name)
+    elif name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}, or a file:/hf: task spec")
+
+
+def task_label(name: str) -> str:
+    """The name a task goes by in reports (a spec's ``name=`` or file stem)."""
+    return parse_spec(name).label if is_spec(name) else name
+
+
 def get_task(name: str, *, n_train: int = 256, n_test: int = 64, seed: int = 0, source: str | None = None) -> Task:
+    """A built-in task by name, or a custom one from a ``file:`` / ``hf:`` spec."""
+    if is_spec(name):
+        return load_custom(name, n_train=n_train, n_test=n_test, seed=seed)
     if name in GENERATORS:
         make, metric, extra, max_new = GENERATORS[name]
         rng = random.Random(f"{name}:{seed}")

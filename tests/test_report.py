@@ -1,0 +1,105 @@
+"""Reports: tables and plots from metrics rows, the comparison's common reference, and the
+fl-lota command's argument checks (before any run starts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fl_lota import report
+from fl_lota.cli import _parse_sets, main, parse_grid
+from fl_lota.runconfig import RunConfigError
+
+
+def row(rnd, method, merge, scores, local, uplink, values_only=0):
+    return {
+        "round": rnd,
+        "method": method,
+        "merge": merge,
+        "accepted": 2,
+        "sampled": 2,
+        "values_only_uploads": values_only,
+        "uplink_bytes": uplink,
+        "downlink_bytes": 10,
+        "eval_downlink_bytes": 20,
+        "dense_fp32_bytes": 8000,
+        "scores": scores,
+        "mean_score": {m: sum(s.values()) / len(s) for m, s in scores.items()},
+        "normalized": {},
+        "local_scores": local,
+        "start_scores": {"math": 0.1, "sql": 0.0} if rnd == 1 else {},
+        "seconds": {"client_train": 5.0},
+        "cumulative_uplink_bytes": uplink * rnd,
+        "cumulative_downlink_bytes": 10 * rnd,
+        "cumulative_eval_downlink_bytes": 20 * rnd,
+    }
+
+
+def test_run_report_writes_table_and_plots(tmp_path):
+    rows = [
+        row(1, "lota", "mask_aware", {"mask_aware": {"math": 0.5, "sql": 0.2}}, {"math": 0.6, "sql": 0.4}, 800),
+        row(2, "lota", "mask_aware", {"mask_aware": {"math": 0.6, "sql": 0.4}}, {"math": 0.6, "sql": 0.4}, 400, 2),
+    ]
+    report.write_run_report(tmp_path, rows, wall_seconds=12.0)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| 2 | 2/2 (2 values-only) | 0.00 | 0.01 | 20.0x |" in text
+    assert "| 0 (start) |" in text and "Wall time 12 s" in text
+    assert (tmp_path / "scores.png").stat().st_size > 1000 and (tmp_path / "bytes.png").stat().st_size > 1000
+
+
+def test_comparison_normalizes_against_the_best_single_task_score(tmp_path):
+    lota = [
+        row(
+            1,
+            "lota",
+            "mask_aware",
+            {"mask_aware": {"math": 0.4, "sql": 0.4}, "ties": {"math": 0.2, "sql": 0.4}},
+            {"math": 0.5, "sql": 0.8},
+            100,
+        ),
+        row(
+            2,
+            "lota",
+            "mask_aware",
+            {"mask_aware": {"math": 0.5, "sql": 0.4}, "ties": {"math": 0.2, "sql": 0.4}},
+            {"math": 0.5, "sql": 0.8},
+            50,
+            2,
+        ),
+    ]
+    fft = [row(1, "fft", "fedavg", {"fedavg": {"math": 0.8, "sql": 0.2}}, {"math": 1.0, "sql": 0.4}, 2000)]
+    entries = report.comparison_rows([("lota", lota), ("fft", fft), ("lora", [])])
+    by = {(e.get("method"), e.get("merge")): e for e in entries}
+    assert by[("lota", "mask_aware")]["normalized"] == pytest.approx((0.5 / 1.0 + 0.4 / 0.8) / 2)
+    assert by[("fft", "fedavg")]["normalized"] == pytest.approx((0.8 / 1.0 + 0.2 / 0.8) / 2)
+    assert by[("lota", "ties")]["uplink_round1"] == 100 and by[("lota", "ties")]["uplink_later"] == 50
+    assert by[("fft", "fedavg")]["uplink_later"] is None
+    assert any(e.get("error") for e in entries)
+    md = report.write_comparison(tmp_path, entries).read_text()
+    assert "| best single-task | - | 1.000 | 0.800 |" in md and "failed" in md
+    assert (tmp_path / "compare.png").exists()
+
+
+def test_read_rows_names_the_broken_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"round": 1}\n{"round": \n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
+        report.read_rows(p)
+    with pytest.raises(FileNotFoundError, match="no metrics file"):
+        report.read_rows(tmp_path / "missing.jsonl")
+
+
+def test_grid_and_overrides_are_checked():
+    assert parse_grid("lota:mask_aware,ties fft:fedavg") == [("lota", ["mask_aware", "ties"]), ("fft", ["fedavg"])]
+    for bad, needle in [("lota", "method:merge"), ("qlora:ties", "qlora"), ("lota:median", "median"), ("", "empty")]:
+        with pytest.raises(ValueError, match=needle):
+            parse_grid(bad)
+    assert _parse_sets(["lr=1e-4", "method=fft", "bf16=false"]) == {"lr": 1e-4, "method": "fft", "bf16": False}
+    with pytest.raises(RunConfigError, match="sparsty"):
+        _parse_sets(["sparsty=0.9"])
+
+
+def test_cli_refuses_a_bad_config_before_starting(capsys, tmp_path):
+    assert main(["run", "--set", "sparsity=2.0", "--flwr-home", str(tmp_path)]) == 2
+    assert "sparsity" in capsys.readouterr().err
+    assert main(["compare", "--grid", "lota:nope"]) == 2
+    assert main(["run", "--app", str(tmp_path / "missing")]) == 2
