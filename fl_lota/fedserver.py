@@ -9,8 +9,9 @@ values-only uploads are decoded. ``G`` is kept exactly as clients decode it from
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import codec, lowrank
@@ -48,8 +49,12 @@ class RoundMerge:
 
 
 class Aggregator:
-    def __init__(self, cfg: RunConfig) -> None:
+    """``shapes``: the model's parameter names and shapes (``fl_lota.models.param_shapes``);
+    when given, every upload must name only those tensors, at those shapes."""
+
+    def __init__(self, cfg: RunConfig, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
         self.cfg = cfg
+        self.shapes = dict(shapes) if shapes is not None else None
         self.global_tv = SparseTaskVector()
         self.global_payload = codec.encode(self.global_tv, values=cfg.values)
         self.masks: dict[str, SparseTaskVector] = {}  # client -> registered layout
@@ -67,14 +72,37 @@ class Aggregator:
             tv = codec.decode(up.payload, max_bytes=self.cfg.max_upload_bytes)
         except codec.CodecError as e:
             raise UploadError(f"client {up.client}: {e}") from None
+        layout = tv
         if lowrank.is_lowrank(tv):  # LoRA factors: merge their exact products
             try:
-                return lowrank.expand(tv)
+                tv = lowrank.expand(tv)
             except ValueError as e:
                 raise UploadError(f"client {up.client}: {e}") from None
+        self._check_against_model(up.client, tv)
         if self.cfg.method == "lota":
-            self.masks[up.client] = tv
-        return tv
+            self.masks[up.client] = layout
+        return self._clip(tv)
+
+    def _check_against_model(self, client: str, tv: SparseTaskVector) -> None:
+        if self.shapes is None:
+            return
+        for name, t in tv.items():
+            if name not in self.shapes:
+                raise UploadError(f"client {client}: tensor {name!r} is not a parameter of model {self.cfg.model!r}")
+            if tuple(t.shape) != tuple(self.shapes[name]):
+                raise UploadError(
+                    f"client {client}: tensor {name!r} has shape {t.shape}, the model's is {self.shapes[name]}"
+                )
+
+    def _clip(self, tv: SparseTaskVector) -> SparseTaskVector:
+        """Scale an update down to L2 norm ``clip-norm`` (bounds one client's influence)."""
+        if not self.cfg.clip_norm:
+            return tv
+        norm = math.sqrt(sum(float(t.values.double().pow(2).sum()) for t in tv.values()))
+        if norm <= self.cfg.clip_norm:
+            return tv
+        f = self.cfg.clip_norm / norm
+        return tv.with_values({n: t.values * f for n, t in tv.items()})
 
     def aggregate(self, uploads: Sequence[Upload]) -> RoundMerge:
         """Merge this round's uploads into ``G`` with the run's merge method, and build the
@@ -92,6 +120,8 @@ class Aggregator:
         decode_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.candidates = {}
+        if len(vectors) < self.cfg.min_replies:  # too few: keep the global model as it is
+            vectors, weights = [], []
         if vectors:
             for name in self.cfg.merges:
                 merged = merge(name, vectors, weights, **self.cfg.merge_params(name))

@@ -144,6 +144,24 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "
     return model.to(device)
 
 
+def param_shapes(name: str, **overrides) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of ``load_model(name)``, without its weights (the model
+    is built on the meta device): what a server checks uploads against."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        if name == "tiny":
+            model = LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **overrides}))
+        else:
+            path = resolve(name)
+            try:
+                config = AutoConfig.from_pretrained(path, **overrides)
+            except (OSError, ValueError) as e:
+                raise _not_found(name, e) from None
+            model = AutoModelForCausalLM.from_config(config)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
 def load_tokenizer(name: str):
     """The tokenizer that goes with ``load_model(name)``; pad falls back to EOS."""
     from transformers import AutoTokenizer

@@ -57,6 +57,8 @@ class RunConfig:
     fraction_train: float = 1.0
     min_train_nodes: int = 0  # 0: every client of the federation
     max_upload_mb: float = 2048.0  # larger uploads are refused before decoding
+    clip_norm: float = 0.0  # > 0: scale each client's update down to this L2 norm
+    min_replies: int = 1  # usable uploads a round needs to change the global model
     round_timeout: float = 3600.0  # seconds to wait for replies
     results_dir: str = ""  # absolute; '' = ~/fl-lota-results/<timestamp>-<method>-<merge>
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -84,8 +86,9 @@ class RunConfig:
         for key in ("lr", "max_upload_mb", "round_timeout", "n_train", "max_len", "lora_rank"):
             if not getattr(self, key) > 0:
                 raise bad(key.replace("_", "-"), f"must be > 0, got {getattr(self, key)}")
-        if self.sparse_lr < 0 or self.max_grad_norm < 0 or self.min_train_nodes < 0:
-            raise bad("sparse-lr/max-grad-norm/min-train-nodes", "must be >= 0")
+        for key in ("sparse_lr", "max_grad_norm", "min_train_nodes", "clip_norm", "min_replies"):
+            if getattr(self, key) < 0:
+                raise bad(key.replace("_", "-"), f"must be >= 0, got {getattr(self, key)}")
         if not 0 < self.fraction_train <= 1:
             raise bad("fraction-train", f"must lie in (0, 1], got {self.fraction_train}")
         if not 0 < self.ties_k <= 1:

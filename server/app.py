@@ -21,6 +21,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_lota import report
+from fl_lota.models import param_shapes
 from fl_lota.runconfig import RunConfig
 
 from .book import RoundBook
@@ -62,7 +63,7 @@ def main(grid: Grid, context: Context) -> None:
     num_clients = cfg.spec.num_clients
     wait_for_nodes(grid, num_clients)
     book = RoundBook(cfg, out)
-    strategy = LotaFedAvg(cfg, book, num_clients=num_clients)
+    strategy = LotaFedAvg(cfg, book, num_clients=num_clients, shapes=param_shapes(cfg.model))
     t0 = time.perf_counter()
     strategy.start(
         grid=grid,

@@ -104,6 +104,7 @@ class RoundBook:
             "replied": len(cs),
             "accepted": len(good),
             "partial": len(good) < self.row["sampled"],
+            "global_updated": len(good) >= max(1, self.cfg.min_replies),
             "uplink_bytes": sum(c["message_bytes"] for c in cs),
             "uplink_array_bytes": sum(c["array_bytes"] for c in cs),
             "uplink_payload_bytes": sum(c["payload_bytes"] for c in cs),

@@ -27,7 +27,14 @@ __all__ = ["LotaFedAvg"]
 
 
 class LotaFedAvg(FedAvg):
-    def __init__(self, cfg: RunConfig, book: RoundBook, *, num_clients: int) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        book: RoundBook,
+        *,
+        num_clients: int,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ) -> None:
         n_train = cfg.min_train_nodes or num_clients
         super().__init__(
             fraction_train=cfg.fraction_train,
@@ -38,7 +45,7 @@ class LotaFedAvg(FedAvg):
         )
         self.cfg = cfg
         self.book = book
-        self.aggregator = Aggregator(cfg)
+        self.aggregator = Aggregator(cfg, shapes)
         self._t: dict[str, float] = {}
 
     def initial_arrays(self) -> ArrayRecord:
@@ -84,8 +91,14 @@ class LotaFedAvg(FedAvg):
             log(WARNING, "round %d: rejected upload: %s", server_round, reason)
             self.book.reject(int(client), reason)
         self.book.merged(result, train_wall=t_recv - self._t.get("train-sent", t_recv))
-        if not result.accepted:
-            log(WARNING, "round %d: no usable uploads; the global model is unchanged", server_round)
+        if len(result.accepted) < max(1, self.cfg.min_replies):
+            log(
+                WARNING,
+                "round %d: %d usable upload(s), fewer than min-replies=%d; the global model is unchanged",
+                server_round,
+                len(result.accepted),
+                self.cfg.min_replies,
+            )
             return None, None
         arrays = ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
         return arrays, MetricRecord(self.book.train_summary())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fl_lota import codec, lowrank
 from fl_lota.fedclient import LocalNode, load_base
@@ -194,3 +196,69 @@ def test_evaluate_scores_each_candidate():
 def test_partition_outside_the_federation_is_an_error():
     with pytest.raises(ValueError, match="partition id 2"):
         LocalNode(RunConfig(**TINY), 2)
+
+
+# ---- validation against the model, clipping, minimum replies ----------------------------
+
+SHAPES = {"a": (8, 16), "b": (32,)}
+
+
+def test_uploads_must_match_the_models_parameters():
+    agg = Aggregator(RunConfig(), shapes=SHAPES)
+    wrong_name = sparse_tv(0, shapes={"a": (8, 16), "lm_head.evil": (32,)})
+    wrong_shape = sparse_tv(0, shapes={"a": (16, 8)})
+    r = agg.aggregate(
+        [
+            Upload("1", codec.encode(wrong_name), 1),
+            Upload("2", codec.encode(wrong_shape), 1),
+            Upload("3", codec.encode(sparse_tv(0)), 1),
+        ]
+    )
+    assert r.accepted == ["3"]
+    assert "'lm_head.evil' is not a parameter" in r.rejected["1"]
+    assert "shape (16, 8), the model's is (8, 16)" in r.rejected["2"]
+
+
+def test_values_only_upload_against_another_mask_is_rejected():
+    agg = Aggregator(RunConfig(), shapes=SHAPES)
+    agg.aggregate([Upload("1", codec.encode(sparse_tv(0)), 1)])
+    other = sparse_tv(5)  # same names and shapes, different mask
+    r = agg.aggregate([Upload("1", codec.encode(other, values_only=True), 1)])
+    assert not r.accepted and "different mask" in r.rejected["1"]
+
+
+def test_clip_norm_bounds_one_clients_influence():
+    big = sparse_tv(0).with_values({n: t.values * 1000 for n, t in sparse_tv(0).items()})
+    agg = Aggregator(RunConfig(clip_norm=1.0, values="float32", merge="task_arithmetic"))
+    agg.aggregate([Upload("1", codec.encode(big, values="float32"), 1)])
+    norm = sum(float(t.values.pow(2).sum()) for t in agg.global_tv.values()) ** 0.5
+    assert norm == pytest.approx(1.0, rel=1e-5)
+
+
+def test_too_few_replies_leave_the_global_model_unchanged():
+    agg = Aggregator(RunConfig(min_replies=2))
+    before = agg.global_payload
+    r = agg.aggregate([Upload("1", codec.encode(sparse_tv(0)), 1), Upload("2", b"junk", 1)])
+    assert r.accepted == ["1"] and agg.global_payload == before
+
+
+_GOOD = codec.encode(sparse_tv(0, shapes=SHAPES))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.tuples(st.integers(0, len(_GOOD) - 1), st.integers(0, 255)), min_size=1, max_size=6),
+    st.binary(max_size=64),
+)
+def test_mutated_uploads_only_ever_produce_named_rejections(edits, tail):
+    payload = bytearray(_GOOD)
+    for pos, byte in edits:
+        payload[pos] = byte
+    agg = Aggregator(RunConfig(), shapes=SHAPES)
+    agg.aggregate([Upload("0", _GOOD, 1)])  # registers a mask for values-only mutants
+    r = agg.aggregate([Upload("0", bytes(payload) + tail, 1)])
+    if r.rejected:
+        assert r.rejected["0"].startswith("client 0: ")
+    else:  # a mutation that survives every check is still a well-formed update of the model
+        assert all(agg.global_tv[n].shape == SHAPES[n] for n in agg.global_tv)
+        assert all(torch.isfinite(t.values).all() for t in agg.global_tv.values())

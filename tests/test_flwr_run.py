@@ -113,3 +113,47 @@ def test_flwr_run_with_custom_task_files(flwr_home, tmp_path):
     assert sorted(c["client"] for c in row["clients"]) == ["adder", "router"]
     assert set(row["scores"]["mask_aware"]) == {"adder", "router"}
     assert all(0.0 <= v <= 1.0 for v in row["scores"]["mask_aware"].values())
+
+
+FAULTY = """
+from flwr.clientapp import ClientApp
+
+from clients import app as real
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg, context):
+    if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) == 2:
+        raise RuntimeError("injected failure in round 2")
+    return real.train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg, context):
+    return real.evaluate(msg, context)
+"""
+
+
+def test_a_client_failing_mid_run_does_not_stop_the_run(flwr_home, tmp_path):
+    app = tmp_path / "faulty_app"
+    app.mkdir()
+    text = (APP / "pyproject.toml").read_text().replace('"clients.app:app"', '"faulty_client:app"')
+    (app / "pyproject.toml").write_text(text.replace('name = "heterogeneous-tasks"', 'name = "faulty-app"'))
+    (app / "faulty_client.py").write_text(FAULTY)
+    out = tmp_path / "results"
+    launch(
+        app,
+        config_file=TINY,
+        run_config={"results-dir": str(out), "num-server-rounds": 3},
+        federation_config=FED,
+        flwr_home=flwr_home,
+    )
+    r1, r2, r3 = read_rows(out / "metrics.jsonl")
+    assert r1["accepted"] == 2 and not r1["partial"]
+    assert r2["accepted"] == 1 and r2["partial"] and r2["global_updated"]
+    assert any("injected failure" in reason for reason in r2["failures"].values())
+    assert r3["accepted"] == 2 and not r3["failures"]
+    # the client that failed still holds its mask and goes on with values-only uploads
+    assert all(c["values_only"] for c in r3["clients"])
