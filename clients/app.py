@@ -36,8 +36,9 @@ def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     received = payloads(msg.content[ARRAYS])
     config = msg.content[CONFIG]
+    run_tag = str(config.get("fl-lota-run", ""))
     state = context.state.array_records.get(STATE)
-    mask_payload = payloads(state)[""] if state is not None and PAYLOAD in state else None
+    mask_payload = payloads(state)[""] if state is not None and PAYLOAD in state else node.load_mask(run_tag)
     out = node.train(
         received[""],
         mask_payload,
@@ -46,6 +47,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if out.mask_payload is not None:  # keep the mask for the values-only rounds
         context.state[STATE] = ArrayRecord({PAYLOAD: fltv_array(out.mask_payload)})
+        node.save_mask(run_tag, out.mask_payload)
     content = RecordDict({ARRAYS: ArrayRecord({PAYLOAD: fltv_array(out.payload)}), METRICS: MetricRecord(out.metrics)})
     return Message(content=content, reply_to=msg)
 

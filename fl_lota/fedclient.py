@@ -18,8 +18,10 @@ The mask is kept by the caller (Flower's node state) as the first round's payloa
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -69,6 +71,37 @@ class LocalNode:
         if not self.data.train:
             raise ValueError(f"client {partition_id} of federation {cfg.federation!r} holds no training data")
         self.device = cfg.resolved_device()
+
+    # ---- the mask on disk (client-state-dir) ---------------------------------------
+
+    def _mask_path(self, run_tag: str) -> Path | None:
+        if not self.cfg.client_state_dir or not run_tag:
+            return None
+        if not run_tag.isalnum():
+            raise ValueError(f"bad run tag {run_tag!r}")
+        return Path(self.cfg.client_state_dir).expanduser() / f"mask-{run_tag}-p{self.partition_id}.fltv"
+
+    def load_mask(self, run_tag: str) -> bytes | None:
+        """The mask payload this client kept on disk for run ``run_tag``, if any (a
+        restarted client resumes with the mask the server registered)."""
+        path = self._mask_path(run_tag)
+        if path is None or not path.is_file():
+            return None
+        data = path.read_bytes()
+        codec.peek(data)  # a damaged file is an error, not a silent new mask
+        return data
+
+    def save_mask(self, run_tag: str, payload: bytes) -> None:
+        path = self._mask_path(run_tag)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     # ---- model state -------------------------------------------------------------
 

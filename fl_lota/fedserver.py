@@ -32,6 +32,11 @@ class Upload:
     payload: bytes
     weight: float  # merge weight: the client's example count
     metrics: dict[str, float] = field(default_factory=dict)
+    mask_key: str | None = None  # whose mask (default: client); stable across restarts, e.g. "p3"
+
+    @property
+    def key(self) -> str:
+        return self.mask_key or self.client
 
 
 @dataclass
@@ -60,15 +65,23 @@ class Aggregator:
         self.masks: dict[str, SparseTaskVector] = {}  # client -> registered layout
         self.candidates: dict[str, bytes] = {}  # merge name -> G_m payload (scored, not kept)
 
+    def restore(self, global_tv: SparseTaskVector, masks: Mapping[str, SparseTaskVector]) -> None:
+        """State from a checkpoint: ``G`` as the clients decoded it, and the masks."""
+        self.global_payload = codec.encode(global_tv, values=self.cfg.values)
+        self.global_tv = codec.decode(self.global_payload)
+        self.masks = dict(masks)
+        self.candidates = {}
+
     def decode(self, up: Upload) -> SparseTaskVector:
         """The upload's task vector. Full payloads (re)register the client's mask;
         values-only payloads decode against it. Raises UploadError naming the problem."""
         try:
             head = codec.peek(up.payload, max_bytes=self.cfg.max_upload_bytes)
             if head.values_only:
-                if up.client not in self.masks:
+                if up.key not in self.masks:
                     raise UploadError(f"client {up.client}: values-only upload but no mask registered")
-                return codec.decode(up.payload, mask=self.masks[up.client], max_bytes=self.cfg.max_upload_bytes)
+                tv = codec.decode(up.payload, mask=self.masks[up.key], max_bytes=self.cfg.max_upload_bytes)
+                return self._clip(tv)
             tv = codec.decode(up.payload, max_bytes=self.cfg.max_upload_bytes)
         except codec.CodecError as e:
             raise UploadError(f"client {up.client}: {e}") from None
@@ -80,7 +93,7 @@ class Aggregator:
                 raise UploadError(f"client {up.client}: {e}") from None
         self._check_against_model(up.client, tv)
         if self.cfg.method == "lota":
-            self.masks[up.client] = layout
+            self.masks[up.key] = layout
         return self._clip(tv)
 
     def _check_against_model(self, client: str, tv: SparseTaskVector) -> None:

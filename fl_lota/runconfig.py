@@ -61,6 +61,7 @@ class RunConfig:
     min_replies: int = 1  # usable uploads a round needs to change the global model
     round_timeout: float = 3600.0  # seconds to wait for replies
     results_dir: str = ""  # absolute; '' = ~/fl-lota-results/<timestamp>-<method>-<merge>
+    client_state_dir: str = ""  # absolute; clients also keep their LoTA mask here (survives restarts)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
 
@@ -101,6 +102,8 @@ class RunConfig:
                 f"{self.results_dir!r} is relative; give an absolute path (the SuperLink that runs the "
                 "ServerApp keeps the working directory of its first launch, not yours)",
             )
+        if self.client_state_dir and not Path(os.path.expanduser(self.client_state_dir)).is_absolute():
+            raise bad("client-state-dir", f"{self.client_state_dir!r} is relative; give an absolute path")
         try:
             FederationSpec.parse(self.federation)
         except ValueError as e:

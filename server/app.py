@@ -16,11 +16,12 @@ from datetime import UTC, datetime
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fl_lota import report
+from fl_lota.checkpoint import load_checkpoint
 from fl_lota.models import param_shapes
 from fl_lota.runconfig import RunConfig
 
@@ -55,24 +56,29 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float = NODE_WAIT_SECONDS) 
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)
     out = results_dir(cfg)
-    if (out / "metrics.jsonl").exists():
-        raise FileExistsError(f"{out} already holds a run's metrics.jsonl; choose another results-dir")
+    ckpt_dir = out / "checkpoint"
+    ckpt = load_checkpoint(ckpt_dir)
+    if ckpt is None and (out / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"{out} holds a run's metrics.jsonl but no checkpoint to resume; choose another results-dir"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    log(INFO, "fl-lota: results go to %s", out)
     num_clients = cfg.spec.num_clients
-    wait_for_nodes(grid, num_clients)
     book = RoundBook(cfg, out)
     strategy = LotaFedAvg(cfg, book, num_clients=num_clients, shapes=param_shapes(cfg.model))
+    first = 1
+    if ckpt is not None:
+        t0 = time.perf_counter()
+        strategy.restore(ckpt)
+        book.rewrite()  # metrics.jsonl as of the checkpoint (a row written after it is dropped)
+        first = ckpt.round + 1
+        log(INFO, "fl-lota: resuming %s after round %d (%.1f s to restore)", out, ckpt.round, time.perf_counter() - t0)
+    else:
+        log(INFO, "fl-lota: results go to %s", out)
+    wait_for_nodes(grid, num_clients)
     t0 = time.perf_counter()
-    strategy.start(
-        grid=grid,
-        initial_arrays=strategy.initial_arrays(),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-    )
+    strategy.run(grid, first_round=first, checkpoint_dir=ckpt_dir)
     wall = time.perf_counter() - t0
     strategy.aggregator.global_tv.save(out / "global_update.safetensors")
     report.write_run_report(out, book.rows, wall_seconds=wall)

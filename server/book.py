@@ -174,6 +174,16 @@ class RoundBook:
             os.fsync(f.fileno())
         return row
 
+    def rewrite(self) -> None:
+        """metrics.jsonl from ``rows`` (after a resume), replaced atomically."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in self.rows))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
     def _task_scores(self, items: list[tuple[int, dict[str, float]]], prefix: str, suffix: str = "") -> dict:
         """Per task, the mean of ``<prefix><task><suffix>`` over clients weighted by their
         test-set sizes ``n.<task>``."""

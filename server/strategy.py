@@ -8,9 +8,13 @@ bytes, as counted on the actual messages (``count_bytes()``), and scores go to a
 
 from __future__ import annotations
 
+import random
 import time
+import uuid
 from collections.abc import Iterable
+from dataclasses import asdict
 from logging import INFO, WARNING
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
@@ -18,12 +22,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from clients.wire import ARRAYS, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
+from fl_lota.checkpoint import Checkpoint, save_checkpoint
 from fl_lota.fedserver import Aggregator, Upload
 from fl_lota.runconfig import RunConfig
 
 from .book import RoundBook
 
-__all__ = ["LotaFedAvg"]
+__all__ = ["LotaFedAvg", "resumable_config"]
+
+# keys a resumed run may change
+RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout")
+
+
+def resumable_config(cfg: RunConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
 
 
 class LotaFedAvg(FedAvg):
@@ -46,7 +58,50 @@ class LotaFedAvg(FedAvg):
         self.cfg = cfg
         self.book = book
         self.aggregator = Aggregator(cfg, shapes)
+        self.run_tag = uuid.uuid4().hex  # names this run's client state (kept across resumes)
         self._t: dict[str, float] = {}
+
+    # ---- the rounds, with a checkpoint after each ---------------------------------------
+
+    def run(self, grid: Grid, *, first_round: int = 1, checkpoint_dir: Path | None = None) -> None:
+        """Rounds ``first_round .. num-server-rounds``: Flower's train / evaluate cycle (as in
+        ``Strategy.start``), then the server state is checkpointed atomically."""
+        for rnd in range(first_round, self.cfg.num_server_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, self.cfg.num_server_rounds)
+            arrays = self.initial_arrays()
+            replies = grid.send_and_receive(
+                messages=self.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=self.cfg.round_timeout
+            )
+            self.aggregate_train(rnd, replies)
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(rnd, self.initial_arrays(), ConfigRecord(), grid),
+                timeout=self.cfg.round_timeout,
+            )
+            self.aggregate_evaluate(rnd, replies)
+            if checkpoint_dir is not None:
+                save_checkpoint(checkpoint_dir, self.checkpoint(rnd))
+
+    def checkpoint(self, server_round: int) -> Checkpoint:
+        return Checkpoint(
+            round=server_round,
+            global_tv=self.aggregator.global_tv,
+            masks=dict(self.aggregator.masks),
+            rows=self.book.rows,
+            config=resumable_config(self.cfg),
+            rng=random.getstate(),
+            extra={"run_tag": self.run_tag},
+        )
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt`` (its config must match this run's, but for the round count)."""
+        mine = resumable_config(self.cfg)
+        diff = sorted(k for k in set(mine) | set(ckpt.config) if mine.get(k) != ckpt.config.get(k))
+        if diff:
+            raise ValueError(f"cannot resume: the run config differs from the checkpoint's in {diff}")
+        self.aggregator.restore(ckpt.global_tv, ckpt.masks)
+        self.book.rows = list(ckpt.rows)
+        random.setstate(ckpt.rng)
+        self.run_tag = ckpt.extra.get("run_tag", self.run_tag)
 
     def initial_arrays(self) -> ArrayRecord:
         return ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
@@ -61,6 +116,7 @@ class LotaFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._t = {"round-start": time.perf_counter()}
         config["eval-start"] = server_round == 1
+        config["fl-lota-run"] = self.run_tag
         config["eval-local"] = self.is_eval_round(server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.book.start_round(server_round, {m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
@@ -85,7 +141,9 @@ class LotaFedAvg(FedAvg):
                 self.book.failure(node, f"malformed reply: {e!r}")
                 continue
             self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), metrics)
-            uploads.append(Upload(str(node), payload, weight, metrics))
+            pid = metrics.get("partition-id")
+            key = f"p{int(pid)}" if pid is not None and pid >= 0 else None
+            uploads.append(Upload(str(node), payload, weight, metrics, mask_key=key))
         result = self.aggregator.aggregate(uploads)
         for client, reason in result.rejected.items():
             log(WARNING, "round %d: rejected upload: %s", server_round, reason)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("flwr")
 
@@ -157,3 +158,57 @@ def test_a_client_failing_mid_run_does_not_stop_the_run(flwr_home, tmp_path):
     assert r3["accepted"] == 2 and not r3["failures"]
     # the client that failed still holds its mask and goes on with values-only uploads
     assert all(c["values_only"] for c in r3["clients"])
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    """Rows without what differs between processes: timings and Flower node ids."""
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if k not in ("seconds", "failures", "rejected")}
+        r["clients"] = sorted(
+            (
+                {k: v for k, v in c.items() if not k.endswith("seconds") and k not in ("node", "metrics")}
+                for c in r["clients"]
+            ),
+            key=lambda c: c["partition"],
+        )
+        out.append(r)
+    return out
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(flwr_home, tmp_path):
+    from fl_lota.task_vector import SparseTaskVector
+
+    base = {"num-server-rounds": 3, "client-state-dir": str(tmp_path / "client-state")}
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    launch(
+        APP, config_file=TINY, run_config=base | {"results-dir": str(whole)}, federation_config=FED, flwr_home=flwr_home
+    )
+    # the same run stopped after round 2 (its checkpoint is what a crash would leave) ...
+    launch(
+        APP,
+        config_file=TINY,
+        run_config=base | {"results-dir": str(cut), "num-server-rounds": 2},
+        federation_config=FED,
+        flwr_home=flwr_home,
+    )
+    (cut / "global_update.safetensors").unlink()
+    # ... then started again with the same results folder: it resumes at round 3
+    launch(
+        APP, config_file=TINY, run_config=base | {"results-dir": str(cut)}, federation_config=FED, flwr_home=flwr_home
+    )
+    a, b = read_rows(whole / "metrics.jsonl"), read_rows(cut / "metrics.jsonl")
+    assert [r["round"] for r in b] == [1, 2, 3]
+    assert _comparable(a) == _comparable(b)
+    ga = SparseTaskVector.load(whole / "global_update.safetensors")
+    gb = SparseTaskVector.load(cut / "global_update.safetensors")
+    assert list(ga) == list(gb) and all(torch.equal(ga[n].values, gb[n].values) for n in ga)
+    # a different config cannot resume this folder
+    with pytest.raises(RunFailed, match="sparsity"):
+        launch(
+            APP,
+            config_file=TINY,
+            run_config=base | {"results-dir": str(cut), "num-server-rounds": 4, "sparsity": 0.8},
+            federation_config=FED,
+            flwr_home=flwr_home,
+        )

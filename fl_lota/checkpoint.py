@@ -1,0 +1,158 @@
+"""The server's state after each round, written atomically, so a restarted run resumes.
+
+    <results-dir>/checkpoint/LATEST             name of the newest complete round folder
+    <results-dir>/checkpoint/round-0003/
+        global.safetensors                      G, the cumulative merged update
+        mask-<key>.safetensors                  each registered LoTA mask (with its values)
+        state.json                              round, config, metrics rows, RNG state, mask keys
+
+A round folder is written under a temporary name, every file fsynced, then renamed into
+place; LATEST is replaced the same way (temp file, fsync, ``os.replace``). A crash at any
+moment leaves either the previous checkpoint or the new one, never a mix. safetensors and
+JSON only, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from .task_vector import SparseTaskVector
+
+__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
+
+_ROUND = re.compile(r"^round-(\d{4,})$")
+_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    global_tv: SparseTaskVector
+    masks: dict[str, SparseTaskVector]
+    rows: list[dict]
+    config: dict
+    rng: object = None  # random.getstate(), as JSON
+    extra: dict = field(default_factory=dict)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _to_json(obj):
+    """random.getstate() holds tuples; JSON turns them into lists (``_from_json`` undoes it)."""
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_json(x) for x in obj]}
+    if isinstance(obj, list):
+        return [_to_json(x) for x in obj]
+    return obj
+
+
+def _from_json(obj):
+    if isinstance(obj, dict) and "__tuple__" in obj:
+        return tuple(_from_json(x) for x in obj["__tuple__"])
+    if isinstance(obj, list):
+        return [_from_json(x) for x in obj]
+    return obj
+
+
+def save_checkpoint(folder: str | Path, ckpt: Checkpoint, *, keep: int = 1) -> Path:
+    """Write ``ckpt`` as ``folder/round-NNNN`` atomically and point LATEST at it; older
+    round folders beyond ``keep`` are removed afterwards."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"round-{ckpt.round:04d}"
+    tmp = folder / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    ckpt.global_tv.save(tmp / "global.safetensors")
+    for key, tv in ckpt.masks.items():
+        if not _KEY.match(key):
+            raise ValueError(f"mask key {key!r} is not a safe file name")
+        tv.save(tmp / f"mask-{key}.safetensors")
+    state = {
+        "round": ckpt.round,
+        "config": ckpt.config,
+        "rows": ckpt.rows,
+        "rng": _to_json(ckpt.rng),
+        "masks": sorted(ckpt.masks),
+        "extra": ckpt.extra,
+    }
+    (tmp / "state.json").write_text(json.dumps(state))
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    final = folder / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    latest_tmp = folder / f".LATEST.tmp-{os.getpid()}"
+    latest_tmp.write_text(name + "\n")
+    _fsync_file(latest_tmp)
+    os.replace(latest_tmp, folder / "LATEST")
+    _fsync_dir(folder)
+    done = sorted(p for p in folder.iterdir() if _ROUND.match(p.name))
+    for old in done[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read(round_dir: Path) -> Checkpoint:
+    state = json.loads((round_dir / "state.json").read_text())
+    masks = {}
+    for key in state["masks"]:
+        if not _KEY.match(key):
+            raise ValueError(f"{round_dir}: bad mask key {key!r}")
+        masks[key] = SparseTaskVector.load(round_dir / f"mask-{key}.safetensors")
+    return Checkpoint(
+        round=int(state["round"]),
+        global_tv=SparseTaskVector.load(round_dir / "global.safetensors"),
+        masks=masks,
+        rows=state["rows"],
+        config=state["config"],
+        rng=_from_json(state["rng"]),
+        extra=state.get("extra", {}),
+    )
+
+
+def load_checkpoint(folder: str | Path) -> Checkpoint | None:
+    """The newest complete checkpoint in ``folder``, or None when there is none. Round
+    folders that fail to read (a disk error after the rename) fall back to older ones;
+    leftover temporary folders are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = sorted((p for p in folder.iterdir() if _ROUND.match(p.name)), reverse=True)
+    latest = folder / "LATEST"
+    if latest.is_file():
+        named = folder / latest.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    errors = []
+    for c in candidates:
+        try:
+            return _read(c)
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            errors.append(f"{c.name}: {e}")
+    if errors:
+        raise ValueError(f"no readable checkpoint in {folder}: {'; '.join(errors)}")
+    return None

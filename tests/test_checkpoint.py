@@ -1,0 +1,75 @@
+"""Server checkpoints: written atomically, read back exactly, damaged ones skipped."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_federated import sparse_tv
+
+from fl_lota.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+
+def ckpt(rnd: int) -> Checkpoint:
+    random.seed(rnd)
+    return Checkpoint(
+        round=rnd,
+        global_tv=sparse_tv(rnd),
+        masks={"p0": sparse_tv(10), "p1": sparse_tv(11)},
+        rows=[{"round": r, "uplink_bytes": 100 * r} for r in range(1, rnd + 1)],
+        config={"method": "lota", "sparsity": 0.9},
+        rng=random.getstate(),
+        extra={"run_tag": "abc123"},
+    )
+
+
+def same_tv(a, b) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[n].to_dense(), b[n].to_dense()) for n in a)
+
+
+def test_round_trip(tmp_path):
+    c = ckpt(3)
+    save_checkpoint(tmp_path, c)
+    back = load_checkpoint(tmp_path)
+    assert back.round == 3 and back.rows == c.rows and back.config == c.config and back.extra == c.extra
+    assert same_tv(back.global_tv, c.global_tv) and set(back.masks) == {"p0", "p1"}
+    assert same_tv(back.masks["p1"], c.masks["p1"])
+    random.setstate(back.rng)
+    a = random.random()
+    random.setstate(c.rng)
+    assert a == random.random()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary leftovers
+
+
+def test_newest_complete_checkpoint_wins_and_old_ones_go(tmp_path):
+    for r in (1, 2, 3):
+        save_checkpoint(tmp_path, ckpt(r))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("round-")) == ["round-0003"]
+    assert load_checkpoint(tmp_path).round == 3
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, ckpt(1), keep=2)
+    save_checkpoint(tmp_path, ckpt(2), keep=2)
+    (tmp_path / ".round-0003.tmp-999").mkdir()  # a write that never finished
+    (tmp_path / ".round-0003.tmp-999" / "global.safetensors").write_bytes(b"partial")
+    assert load_checkpoint(tmp_path).round == 2
+    (tmp_path / "round-0002" / "state.json").write_text("{broken")  # damaged after the rename
+    assert load_checkpoint(tmp_path).round == 1
+
+
+def test_no_checkpoint_and_unreadable_ones(tmp_path):
+    assert load_checkpoint(tmp_path / "none") is None
+    assert load_checkpoint(tmp_path) is None
+    save_checkpoint(tmp_path, ckpt(1))
+    (tmp_path / "round-0001" / "global.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="no readable checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_unsafe_mask_keys_are_refused(tmp_path):
+    c = ckpt(1)
+    c.masks = {"../evil": sparse_tv(0)}
+    with pytest.raises(ValueError, match="safe file name"):
+        save_checkpoint(tmp_path, c)
