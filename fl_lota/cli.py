@@ -27,7 +27,7 @@ from .methods import FINETUNE_METHODS
 from .partition import FederationSpec
 from .runconfig import KEYS, RunConfig, RunConfigError
 
-__all__ = ["main", "parse_grid"]
+__all__ = ["main", "parse_grid", "parse_sets"]
 
 DEFAULT_APP = "sims/heterogeneous_tasks"
 DEFAULT_GRID = "lota:mask_aware,ties fft:fedavg,ties lora:fedavg"
@@ -52,7 +52,7 @@ def parse_grid(text: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _parse_sets(items: list[str]) -> dict[str, object]:
+def parse_sets(items: list[str]) -> dict[str, object]:
     """``key=value`` pairs, values read as TOML (strings may stay unquoted)."""
     out: dict[str, object] = {}
     for item in items:
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     app = Path(args.app)
-    sets = _parse_sets(args.set)
+    sets = parse_sets(args.set)
     cfg = _effective(app, args.conf, sets)
     launch(
         app, config_file=args.conf, run_config=sets, federation_config=_federation(cfg, args), flwr_home=args.flwr_home
@@ -121,7 +121,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     app = Path(args.app)
     grid = parse_grid(args.grid)
-    sets = _parse_sets(args.set)
+    sets = parse_sets(args.set)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out).expanduser().absolute() if args.out else Path.home() / "fl-lota-results" / f"compare-{stamp}"
     runs = []

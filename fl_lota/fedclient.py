@@ -110,7 +110,7 @@ class LocalNode:
         t0 = time.perf_counter()
         model, tok, base = load_base(self.cfg.model, self.device)
         model.load_state_dict(base)
-        g = codec.decode(global_payload, max_bytes=None)
+        g = codec.decode(global_payload)
         if len(g):
             g.apply_to(model)
         return model, tok, time.perf_counter() - t0

@@ -28,7 +28,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RunFailed", "RunOutcome", "launch", "stop_local_superlink", "toml_overrides"]
+__all__ = [
+    "RunFailed",
+    "RunOutcome",
+    "executable",
+    "free_port",
+    "launch",
+    "run_status",
+    "stop_local_superlink",
+    "toml_overrides",
+]
 
 
 class RunFailed(RuntimeError):
@@ -43,11 +52,18 @@ class RunOutcome:
     log: str
 
 
+def executable(name: str) -> str:
+    """A Flower command (``flwr``, ``flower-superlink`` ...): the one installed beside this
+    Python first (the same environment), else the one on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    exe = str(beside) if beside.exists() else shutil.which(name)
+    if exe is None:
+        raise FileNotFoundError(f"the {name!r} command is not installed; pip install 'flwr[simulation]==1.41.0'")
+    return exe
+
+
 def _flwr() -> list[str]:
-    exe = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
-    if not Path(exe).exists():
-        raise FileNotFoundError("the 'flwr' command is not installed; pip install 'flwr[simulation]==1.41.0'")
-    return [exe]
+    return [executable("flwr")]
 
 
 def _toml_value(v: object) -> str:
@@ -64,7 +80,8 @@ def toml_overrides(config: Mapping[str, object]) -> str:
     return "".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket
 
     with socket.socket() as s:
@@ -84,7 +101,7 @@ def _env(flwr_home: str | Path | None) -> dict[str, str]:
         home.mkdir(parents=True, exist_ok=True)
         ports = home / "fl-lota-ports.json"
         if not ports.exists():  # fixed per home, so later calls find the same SuperLink
-            ports.write_text(json.dumps({"http": _free_port(), "control": _free_port()}))
+            ports.write_text(json.dumps({"http": free_port(), "control": free_port()}))
         p = json.loads(ports.read_text())
         env["FLWR_HOME"] = str(home)
         env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(p["http"])
@@ -92,16 +109,16 @@ def _env(flwr_home: str | Path | None) -> dict[str, str]:
     return env
 
 
-def _run_status(run_id: str, env: dict[str, str]) -> dict:
+def run_status(run_id: str, env: dict[str, str]) -> dict | None:
+    """The run's record from ``flwr list --format json`` (on the connection ``env``'s
+    FLWR_HOME makes the default), or None when it is not listed. Raises RunFailed when the
+    output cannot be read."""
     out = subprocess.run([*_flwr(), "list", "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(out.stdout)["runs"]
     except (json.JSONDecodeError, KeyError):
         raise RunFailed(f"cannot read run status from 'flwr list': {out.stdout[-500:]} {out.stderr[-500:]}") from None
-    for r in runs:
-        if str(r.get("run-id")) == run_id:
-            return r
-    raise RunFailed(f"run {run_id} not listed by 'flwr list'")
+    return next((r for r in runs if str(r.get("run-id")) == run_id), None)
 
 
 def launch(
@@ -160,7 +177,9 @@ def launch(
     run_id = m.group(1)
     status = {}
     for _ in range(120):  # the stream can end a moment before the status is final
-        status = _run_status(run_id, env)
+        status = run_status(run_id, env)
+        if status is None:
+            raise RunFailed(f"run {run_id} not listed by 'flwr list'")
         if str(status.get("status", "")).startswith("finished"):
             break
         time.sleep(1.0)

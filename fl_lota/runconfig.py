@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import codec
@@ -126,9 +126,6 @@ class RunConfig:
                 raise RunConfigError(f"run config {key!r}: expected {want.__name__}, got {value!r}")
             kw[f.name] = value
         return cls(**kw)
-
-    def with_overrides(self, **kw) -> RunConfig:
-        return replace(self, **kw)
 
     # ---- derived settings -------------------------------------------------------------
 

@@ -26,13 +26,13 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fl_lota.launch import RunFailed, executable, free_port, run_status, toml_overrides
 
 __all__ = ["Federation", "write_creds"]
 
@@ -109,17 +109,6 @@ def write_creds(out: str | Path, nodes: int, sans: tuple[str, ...] = ()) -> Path
     return out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bin(name: str) -> str:
-    exe = Path(sys.executable).with_name(name)
-    return str(exe) if exe.exists() else name
-
-
 @dataclass
 class Federation:
     """A SuperLink and SuperNodes on loopback, as separate processes (a context manager
@@ -134,7 +123,7 @@ class Federation:
     def __post_init__(self) -> None:
         self.creds, self.workdir = Path(self.creds), Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = _port()  # Flower 1.4x serves Fleet, Control and Runtime APIs on one HTTPS port
+        self.port = free_port()  # Flower 1.4x serves Fleet, Control and Runtime APIs on one HTTPS port
         home = self.workdir / "flwr-home"
         home.mkdir(exist_ok=True)
         (home / "config.toml").write_text(
@@ -155,13 +144,14 @@ class Federation:
         return p
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        cmd = [executable("flwr"), *args]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def start(self, wait: float = 60) -> None:
         c = self.creds
         self._start(
             [
-                _bin("flower-superlink"),
+                executable("flower-superlink"),
                 "--ssl-ca-certfile", str(c / "ca.crt"),
                 "--ssl-certfile", str(c / "server.pem"),
                 "--ssl-keyfile", str(c / "server.key"),
@@ -190,14 +180,14 @@ class Federation:
         for i in range(self.nodes):
             self._start(
                 [
-                    _bin("flower-supernode"),
+                    executable("flower-supernode"),
                     "--root-certificates", str(c / "ca.crt"),
                     "--superlink", f"127.0.0.1:{self.port}",
                     "--auth-supernode-private-key", str(c / f"supernode-{i}.key"),
                     "--auth-supernode-public-key", str(c / f"supernode-{i}.pub"),
                     "--node-config", f"partition-id={i} num-partitions={self.nodes}",
                     "--host", "127.0.0.1",
-                    "--port", str(_port()),
+                    "--port", str(free_port()),
                 ],
                 f"supernode-{i}.log",
             )  # fmt: skip
@@ -209,8 +199,6 @@ class Federation:
     def run(self, app: str | Path, run_config: dict[str, object], timeout: float = 1800) -> dict:
         """``flwr run`` on this federation; returns the run's status record, raises
         RuntimeError (with the logs) unless it completed."""
-        from fl_lota.launch import toml_overrides
-
         fd, cfg_path = tempfile.mkstemp(suffix=".toml")
         with os.fdopen(fd, "w") as f:
             f.write(toml_overrides(run_config))
@@ -228,12 +216,10 @@ class Federation:
             if dead:
                 logs = "\n".join(self.log(p.name) for p in sorted(self.workdir.glob("*.log")))
                 raise RuntimeError(f"{len(dead)} federation process(es) exited during run {run_id}:\n{logs}")
-            ls = self.flwr("list", "--run-id", run_id, "--format", "json")
             try:
-                runs = json.loads(ls.stdout)["runs"]
-            except (json.JSONDecodeError, KeyError):
-                runs = []
-            status = next((x for x in runs if str(x.get("run-id")) == run_id), {})
+                status = run_status(run_id, self.env) or {}
+            except RunFailed:  # the SuperLink busy or restarting: ask again
+                status = {}
             if str(status.get("status", "")).startswith("finished"):
                 if status["status"] != "finished:completed":
                     logs = "\n".join(self.log(p.name) for p in sorted(self.workdir.glob("*.log")))
@@ -268,7 +254,7 @@ class Federation:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fl_lota.cli import _parse_sets
+    from fl_lota.cli import parse_sets
 
     ap = argparse.ArgumentParser(prog="python -m server.deploy", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -290,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     import tomllib
 
     cfg = tomllib.loads(Path(args.conf).read_text()) if args.conf else {}
-    cfg |= _parse_sets(args.set)
+    cfg |= parse_sets(args.set)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fl-lota-deploy-"))
     with Federation(Path(args.creds), args.nodes, work) as fed:
         status = fed.run(args.app, cfg)

@@ -68,13 +68,13 @@ class LotaFedAvg(FedAvg):
         ``Strategy.start``), then the server state is checkpointed atomically."""
         for rnd in range(first_round, self.cfg.num_server_rounds + 1):
             log(INFO, "[ROUND %s/%s]", rnd, self.cfg.num_server_rounds)
-            arrays = self.initial_arrays()
             replies = grid.send_and_receive(
-                messages=self.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=self.cfg.round_timeout
+                messages=self.configure_train(rnd, self.global_arrays(), ConfigRecord(), grid),
+                timeout=self.cfg.round_timeout,
             )
             self.aggregate_train(rnd, replies)
             replies = grid.send_and_receive(
-                messages=self.configure_evaluate(rnd, self.initial_arrays(), ConfigRecord(), grid),
+                messages=self.configure_evaluate(rnd, self.global_arrays(), ConfigRecord(), grid),
                 timeout=self.cfg.round_timeout,
             )
             self.aggregate_evaluate(rnd, replies)
@@ -103,7 +103,8 @@ class LotaFedAvg(FedAvg):
         random.setstate(ckpt.rng)
         self.run_tag = ckpt.extra.get("run_tag", self.run_tag)
 
-    def initial_arrays(self) -> ArrayRecord:
+    def global_arrays(self) -> ArrayRecord:
+        """The global update as it goes to clients."""
         return ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
 
     def is_eval_round(self, server_round: int) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from fl_lota import report
-from fl_lota.cli import _parse_sets, main, parse_grid
+from fl_lota.cli import main, parse_grid, parse_sets
 from fl_lota.runconfig import RunConfigError
 
 
@@ -93,9 +93,9 @@ def test_grid_and_overrides_are_checked():
     for bad, needle in [("lota", "method:merge"), ("qlora:ties", "qlora"), ("lota:median", "median"), ("", "empty")]:
         with pytest.raises(ValueError, match=needle):
             parse_grid(bad)
-    assert _parse_sets(["lr=1e-4", "method=fft", "bf16=false"]) == {"lr": 1e-4, "method": "fft", "bf16": False}
+    assert parse_sets(["lr=1e-4", "method=fft", "bf16=false"]) == {"lr": 1e-4, "method": "fft", "bf16": False}
     with pytest.raises(RunConfigError, match="sparsty"):
-        _parse_sets(["sparsty=0.9"])
+        parse_sets(["sparsty=0.9"])
 
 
 def test_cli_refuses_a_bad_config_before_starting(capsys, tmp_path):
