@@ -1,15 +1,17 @@
-"""The default federation on this machine: bytes, merged-model quality and overhead.
+"""The default federation under the comparison protocol: scores, bytes and time, measured.
 
-    python bench/federation.py --out /abs/folder            # runs fl-lota compare (~40 min, 2-core CPU)
-    python bench/federation.py --from /abs/folder           # re-read a finished comparison
+    python bench/federation.py --out /abs/folder              # runs fl-lota compare (hours on a 2-core CPU)
+    python bench/federation.py --from /abs/folder             # re-read a finished (or resumed) comparison
 
-Prints, from one comparison (LoTA, FFT and LoRA runs of sims/heterogeneous_tasks, same data,
-seeds and steps):
-  - per-round uplink bytes, LoTA vs FFT (targets: >= 10x fewer in round 1, >= 20x after);
-  - the merged model's task-average normalized score for LoTA+mask_aware, LoTA+ties,
-    FFT+fedavg, FFT+ties, LoRA+fedavg (target: LoTA+mask_aware above both FFT merges);
-  - the share of wall time spent outside client training (target: < 15%), counting
-    federated evaluation apart, since it is measurement rather than overhead.
+Runs ``fl-lota compare`` on sims/heterogeneous_tasks with its defaults (LoTA, FFT and LoRA;
+each method's values tuned on validation splits; single-task references; every method x
+merge its own federation; 3 seeds; evaluation after the last round only) and prints, from compare.json:
+  - the merged models' absolute and normalized scores (mean +- std over seeds), and which
+    differences exceed the seeds' spread, LoTA's losses included;
+  - bytes per client and round: uplink, training downlink, evaluation downlink, and the
+    FFT / LoTA uplink ratios;
+  - the wall time of each federation and its share outside client training and evaluation.
+The same arguments after ``--`` go to ``fl-lota compare`` (e.g. ``-- --seeds 2``).
 """
 
 from __future__ import annotations
@@ -20,82 +22,106 @@ import sys
 import time
 from pathlib import Path
 
-from fl_lota import report
 from fl_lota.cli import main as cli_main
+from fl_lota.compare.table import mean_std
 
-GRID = "lota:mask_aware,ties fft:fedavg,ties lora:fedavg"
+MB = 1e6
 
 
-def overhead(rows: list[dict], wall: float) -> dict[str, float]:
-    train = sum(r["seconds"]["client_train"] for r in rows)
-    evals = sum(r["seconds"].get("client_eval", 0.0) + r["seconds"].get("client_eval_in_train", 0.0) for r in rows)
-    return {
-        "wall": wall,
-        "client_train": train,
-        "evaluation": evals,
-        "other": wall - train - evals,
-        "other_share_excl_eval": (wall - train - evals) / max(wall - evals, 1e-9),
-        "outside_training_share": (wall - train) / wall,
-    }
+def _fmt(values) -> str:
+    m, sd, n = mean_std(values)
+    return "-" if n == 0 else (f"{m:.3f}" if n == 1 else f"{m:.3f} ± {sd:.3f}")
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def report(folder: Path) -> None:
+    data = json.loads((folder / "compare.json").read_text())
+    results, summary = data["results"], data["summary"]
+    setup = results["setup"]
+    print(f"\n== merged models ({setup['federation']}, {setup['rounds']} rounds, seeds {setup['seeds']}) ==")
+    for run, e in summary.items():
+        if not e["seeds"]:
+            print(f"{run:18s} failed in every seed")
+            continue
+        print(f"{run:18s} mean {_fmt(e['scores']['mean'])}  normalized {_fmt(e['normalized'].get('mean', []))}")
+    ok = {run: e for run, e in summary.items() if e["seeds"]}
+    lota = ok.get("lota:mask_aware")
+    if lota:
+        m0, s0, _ = mean_std(lota["scores"]["mean"])
+        print("\n== LoTA + mask_aware against the others (task-average absolute score; 'clear' = means apart by more")
+        print("   than the sum of the two standard deviations) ==")
+        for run, e in ok.items():
+            if run == "lota:mask_aware":
+                continue
+            m1, s1, _ = mean_std(e["scores"]["mean"])
+            gap = m0 - m1
+            clear = abs(gap) > (s0 if s0 == s0 else 0) + (s1 if s1 == s1 else 0)
+            verdict = ("wins" if gap > 0 else "LOSES") + (" clearly" if clear else " (within the seeds' spread)")
+            print(f"  vs {run:18s} {m0:.3f} vs {m1:.3f}: LoTA {verdict}")
+        refs = results["references"]
+        for method in refs:
+            means = [_mean(v["scores"].values()) for v in refs[method].values()]
+            print(f"  single-task {method:5s} {_fmt(means)}")
+
+    print("\n== bytes per client and round (MB, mean over clients and seeds) ==")
+    for run, e in ok.items():
+        print(
+            f"{run:18s} uplink r1 {_mean(e['uplink_r1']) / MB:8.2f}  uplink r2+ {_mean(e['uplink_later']) / MB:8.2f}  "
+            f"downlink r2+ {_mean(e['downlink_later']) / MB:8.2f}  eval downlink {_mean(e['eval_downlink']) / MB:8.2f}"
+        )
+    if "lota:mask_aware" in ok and "fft:fedavg" in ok:
+        a, b = ok["lota:mask_aware"], ok["fft:fedavg"]
+        print(
+            f"FFT / LoTA uplink: round 1 {_mean(b['uplink_r1']) / _mean(a['uplink_r1']):.1f}x, "
+            f"rounds 2+ {_mean(b['uplink_later']) / _mean(a['uplink_later']):.1f}x"
+        )
+        up, down, ev = _mean(a["uplink_later"]), _mean(a["downlink_later"]), _mean(a["eval_downlink"])
+        print(
+            f"LoTA downlink r2+ / uplink r2+: {down / up:.1f}x (training message), "
+            f"{(down + ev) / up:.1f}x with the evaluation message"
+        )
+
+    print("\n== wall time per federation (seed 0) ==")
+    for run, by_seed in results["federations"].items():
+        fed = by_seed.get(str(setup["seeds"][0]), {})
+        rows, wall = fed.get("rows"), fed.get("wall_seconds")
+        if not rows or not wall:
+            continue
+        train = sum(c["train_seconds"] for r in rows for c in r["clients"])
+        evals = sum(r["seconds"].get("client_eval", 0.0) for r in rows)
+        other = wall - train - evals
+        print(
+            f"{run:18s} wall {wall:6.0f} s: client training {train:5.0f} s, evaluation {evals:5.0f} s, everything else "
+            f"{other:4.0f} s ({100 * other / max(wall - evals, 1e-9):.1f}% of the non-evaluation time)"
+        )
+    if setup.get("wall_seconds"):
+        print(f"\nwhole comparison: {setup['wall_seconds'] / 3600:.2f} h (units reused from earlier calls count 0)")
+    sys.stdout.flush()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", help="absolute folder for a new comparison")
+    ap.add_argument("--out", help="absolute folder for a new (or resumed) comparison")
     ap.add_argument("--from", dest="src", help="a finished comparison folder")
-    ap.add_argument("--grid", default=GRID)
     ap.add_argument("--flwr-home", help="private Flower state folder")
-    ap.add_argument("extra", nargs="*", help="further fl-lota compare arguments, e.g. --set n-test=64")
+    ap.add_argument("extra", nargs="*", help="further fl-lota compare arguments, after --")
     args = ap.parse_args()
     if not (args.out or args.src):
         ap.error("give --out (run) or --from (re-read)")
     folder = Path(args.src or args.out).absolute()
-    walls: dict[str, float] = {}
     if args.out:
-        argv = ["compare", "--out", str(folder), "--grid", args.grid, *args.extra]
+        # eval-every above the round count: only the last round is scored (it always is)
+        argv = ["compare", "--out", str(folder), "--set", "eval-every=1000", *args.extra]
         if args.flwr_home:
             argv += ["--flwr-home", args.flwr_home]
         t0 = time.perf_counter()
         rc = cli_main(argv)
         print(f"compare took {time.perf_counter() - t0:.0f} s (exit {rc})")
-    runs = {
-        p.name: report.read_rows(p / "metrics.jsonl")
-        for p in sorted(folder.iterdir())
-        if (p / "metrics.jsonl").is_file()
-    }
-    for name in runs:  # the whole flwr run, Ray start-up included
-        info = folder / name / "launch.json"
-        if info.exists():
-            walls[name] = json.loads(info.read_text())["seconds"]
-    entries = json.loads((folder / "compare.json").read_text())
-
-    print("\n== uplink bytes per round (all clients) ==")
-    for name, rows in runs.items():
-        print(f"{name:5s} " + "  ".join(f"r{r['round']}: {r['uplink_bytes'] / 1e6:8.2f} MB" for r in rows))
-    if "lota" in runs and "fft" in runs:
-        for a, b in zip(runs["lota"], runs["fft"]):
-            print(f"round {a['round']}: FFT / LoTA uplink = {b['uplink_bytes'] / a['uplink_bytes']:.1f}x")
-
-    print("\n== merged model, task-average normalized score (common reference: best single-task score) ==")
-    for e in entries:
-        if "error" in e:
-            print(f"{e['run']}: failed")
-            continue
-        scores = " ".join(f"{t}={v:.3f}" for t, v in e["scores"].items())
-        head = f"{e['method']:5s} + {e['merge']:15s} normalized {e['normalized']:.3f}"
-        print(f"{head}  mean {e['mean_score']:.3f}  {scores}")
-
-    print("\n== wall time ==")
-    for name, rows in runs.items():
-        if name in walls:
-            o = overhead(rows, walls[name])
-            print(
-                f"{name:5s} wall {o['wall']:.0f} s: client training {o['client_train']:.0f} s, evaluation "
-                f"{o['evaluation']:.0f} s, everything else {o['other']:.0f} s = "
-                f"{100 * o['other_share_excl_eval']:.1f}% "
-                f"of the non-evaluation time ({100 * o['outside_training_share']:.1f}% of all time is outside training)"
-            )
-    sys.stdout.flush()
+    report(folder)
 
 
 if __name__ == "__main__":

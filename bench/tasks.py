@@ -1,7 +1,8 @@
-"""Each generated task on the default model: base, LoTA (90% sparse) and FFT scores.
+"""Each generated task on the default model: base, LoTA (90% sparse) and FFT scores, at
+equal budgets: FFT trains as many steps as LoTA's calibration and sparse phases together.
 
-Target (issue 3): LoTA gains >= 20 points (or doubles) over the base within 60 training
-steps (calibration + sparse adaptation), and reaches >= 90% of FFT's score.
+One seed, the learning rates given on the command line (not tuned): a quick look per task.
+The comparison with tuned rates, seeds and single-task references is bench/federation.py.
 
     python bench/tasks.py [--tasks math,sql,classify,instruct,summarize] [--out results.jsonl]
 """
@@ -20,12 +21,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(GENERATED))
     ap.add_argument("--model", default="default")
-    ap.add_argument("--steps", type=int, default=40, help="sparse-adaptation steps for LoTA, training steps for FFT")
+    ap.add_argument("--steps", type=int, default=40, help="LoTA's sparse-adaptation steps (FFT: these + calibration)")
     ap.add_argument("--calibration-steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--sparse-lr", type=float, default=None, help="LoTA's sparse-phase learning rate (default --lr)")
     ap.add_argument("--n-train", type=int, default=256)
-    ap.add_argument("--n-test", type=int, default=64)
+    ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--out", default=None, help="append one JSON line per run here")
     args = ap.parse_args()
 
@@ -49,7 +50,9 @@ def main() -> None:
         if args.sparse_lr:
             lota_args.append(f"--sparse-lr={args.sparse_lr}")
         lota = run(build_parser().parse_args(lota_args), task)
-        fft = run(build_parser().parse_args([*common, "--method=fft", "--skip-base"]), task)
+        budget = args.steps + args.calibration_steps  # LoTA's calibration counts against its budget
+        fft_args = [a for a in common if not a.startswith("--steps=")] + [f"--steps={budget}"]
+        fft = run(build_parser().parse_args([*fft_args, "--method=fft", "--skip-base"]), task)
         base = lota["base"]
         row = dict(
             task=name,

@@ -10,9 +10,21 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, RecordDict
 
-__all__ = ["ARRAYS", "CONFIG", "METRICS", "PAYLOAD", "STATE", "STYPE", "content_bytes", "fltv_array", "payloads"]
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "METRICS",
+    "PAYLOAD",
+    "SEEN",
+    "STATE",
+    "STYPE",
+    "content_bytes",
+    "fltv_array",
+    "payloads",
+]
 
 ARRAYS, CONFIG, METRICS, STATE = "arrays", "config", "metrics", "fl-lota"
+SEEN = "examples-seen"  # metric: the indices of the training examples a client used this round
 PAYLOAD = "fltv"
 STYPE = "fl_lota/fltv"
 

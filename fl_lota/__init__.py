@@ -3,8 +3,14 @@
 Pure PyTorch; never imports flwr. Modules, one job each:
 masks (scope, extraction, LoTTO), task_vector (SparseTaskVector), codec (FLTV wire
 format), merge (mask_aware, ties, task_arithmetic, fedavg), optim (masked optimizers),
-train (shared loop), lota (the three phases), lora (peft baseline), methods (registry),
-models (loading), data (batches).
+train (shared loop), lota (the three phases), lora (peft baseline), lowrank (LoRA factors
+on the wire), methods (registry), models (loading), data (example streams and batches),
+prompting (chat formatting), tasks/ (task suite, metrics, custom task specs), evaluate
+(generation and scoring), partition (federation strings, client data), runconfig (the run
+config), fedclient / fedserver (a round without Flower), checkpoint (server state on disk),
+isolated (single-task runs: references and tuning), compare/ (the comparison protocol and
+its table), report (one run's summary), launch (driving ``flwr run``), cli (``fl-lota``),
+tune (the single-task command).
 """
 
 from .codec import CodecError, decode, encode

@@ -1,55 +1,31 @@
 """The ``fl-lota`` command.
 
     fl-lota run      [--conf FILE] [--set key=value ...] [--supernodes N] [--gpus-per-client F]
-    fl-lota compare  [--grid "lota:mask_aware,ties fft:fedavg,ties lora:fedavg"] [--conf FILE] ...
+    fl-lota compare  [--grid "lota:mask_aware,ties fft:fedavg,ties lora:fedavg"] [--seeds 3] [--out DIR] ...
     fl-lota tune     --task sql ...          (one model, one task: python -m fl_lota.tune)
 
-``run`` and ``compare`` drive ``flwr run`` on ``sims/heterogeneous_tasks`` (or ``--app``) and
-check that each run finished as completed. ``compare`` runs one simulation per fine-tuning
-method; the merges listed for a method are all scored on that run's uploads every round
-(the first one makes the global model), so one training run compares several merges. It
-writes compare.md, compare.json and compare.png.
+``run`` drives ``flwr run`` on ``sims/heterogeneous_tasks`` (or ``--app``), streams its log
+and exits non-zero with Flower's reason when the run did not complete. ``compare`` runs the
+protocol of ``fl_lota.compare`` (tuning on validation, single-task references, one
+federation per method x merge and seed) and writes compare.md, compare.json, compare.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import report
+from .compare import DEFAULT_GRID, DEFAULT_TUNE, RESERVED, ComparePlan, TuneSpec, effective_config, parse_grid
 from .launch import RunFailed, launch
-from .merge import MERGE_METHODS
-from .methods import FINETUNE_METHODS
 from .partition import FederationSpec
 from .runconfig import KEYS, RunConfig, RunConfigError
 
 __all__ = ["main", "parse_grid", "parse_sets"]
 
 DEFAULT_APP = "sims/heterogeneous_tasks"
-DEFAULT_GRID = "lota:mask_aware,ties fft:fedavg,ties lora:fedavg"
-
-
-def parse_grid(text: str) -> list[tuple[str, list[str]]]:
-    """``"lota:mask_aware,ties fft:fedavg"`` -> [("lota", ["mask_aware", "ties"]), ("fft", ["fedavg"])]."""
-    out = []
-    for part in text.split():
-        method, sep, merges = part.partition(":")
-        names = [m for m in merges.split(",") if m]
-        if not sep or not names:
-            raise ValueError(f"bad grid entry {part!r}; expected method:merge[,merge...]")
-        if method not in FINETUNE_METHODS:
-            raise ValueError(f"unknown fine-tuning method {method!r} in grid; known: {sorted(FINETUNE_METHODS)}")
-        bad = [m for m in names if m not in MERGE_METHODS]
-        if bad:
-            raise ValueError(f"unknown merge method(s) {bad} in grid; known: {sorted(MERGE_METHODS)}")
-        out.append((method, names))
-    if not out:
-        raise ValueError("empty grid")
-    return out
 
 
 def parse_sets(items: list[str]) -> dict[str, object]:
@@ -70,10 +46,7 @@ def parse_sets(items: list[str]) -> dict[str, object]:
 
 def _effective(app: Path, conf: str | None, sets: dict[str, object]) -> RunConfig:
     """The run config the apps will see (checked here, before anything starts)."""
-    base = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    if conf:
-        base |= tomllib.loads(Path(conf).read_text())
-    return RunConfig.from_run_config(base | sets)
+    return RunConfig.from_run_config(effective_config(app, conf, sets))
 
 
 def _federation(cfg: RunConfig, args) -> dict[str, object]:
@@ -100,10 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the federated job once")
     _common(run)
-    cmp = sub.add_parser("compare", help="fine-tuning methods x merge methods, one table and plot")
+    cmp = sub.add_parser("compare", help="fine-tuning methods x merge methods under one protocol")
     _common(cmp)
     cmp.add_argument("--grid", default=DEFAULT_GRID, help="method:merge[,merge] entries (default: %(default)s)")
-    cmp.add_argument("--out", help="folder for the runs and the table (absolute; default ~/fl-lota-results/compare-*)")
+    cmp.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per run (default: %(default)s)")
+    cmp.add_argument(
+        "--tune",
+        default=DEFAULT_TUNE,
+        help="candidate values, method.key=v1,v2 or ties.key=...; (default: %(default)s)",
+    )
+    cmp.add_argument("--no-tune", action="store_true", help="run every method at the configured values")
+    cmp.add_argument("--val-size", type=int, default=64, help="validation examples held out of each task's train")
+    cmp.add_argument("--plan-only", action="store_true", help="print the plan and its time estimate, run nothing")
+    cmp.add_argument("--no-estimate", action="store_true", help="skip the speed probe behind the time estimate")
+    cmp.add_argument("--out", help="folder for the runs and the table (default ~/fl-lota-results/compare-<time>); "
+                     "give an existing one to resume it")  # fmt: skip
     sub.add_parser("tune", help="fine-tune one model on one task (see python -m fl_lota.tune -h)", add_help=False)
     return ap
 
@@ -119,42 +103,40 @@ def cmd_run(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from .compare import run_compare
+
     app = Path(args.app)
     grid = parse_grid(args.grid)
     sets = parse_sets(args.set)
+    given = set(sets) | (
+        set(tomllib.loads(Path(args.conf).read_text())) if args.conf and Path(args.conf).is_file() else set()
+    )
+    fixed = sorted(given & set(RESERVED))
+    if fixed:
+        raise ValueError(
+            f"compare sets {fixed} for every run itself; leave them out of --set/--conf (use --grid, --seeds)"
+        )
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    base = effective_config(app, args.conf, sets)
+    tune = None if args.no_tune else TuneSpec.parse(args.tune)
+    if tune is not None:  # every candidate must be a valid run config, checked before anything runs
+        for method, _ in grid:
+            for cand in tune.candidates(method):
+                RunConfig.from_run_config(base | cand | {"method": method})
+    plan = ComparePlan(
+        app=app,
+        base=base,
+        grid=grid,
+        seeds=list(range(args.seeds)),
+        tune=tune,
+        val_size=args.val_size,
+        federation_config=_federation(RunConfig.from_run_config(base), args),
+        flwr_home=args.flwr_home,
+    )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = Path(args.out).expanduser().absolute() if args.out else Path.home() / "fl-lota-results" / f"compare-{stamp}"
-    runs = []
-    for method, merges in grid:
-        run_sets = sets | {
-            "method": method,
-            "merge": merges[0],
-            "eval-merges": ",".join(merges[1:]),
-            "results-dir": str(out / method),
-        }
-        cfg = _effective(app, args.conf, run_sets)  # fail before any run starts
-        runs.append((method, run_sets, cfg))
-    results = []
-    for method, run_sets, cfg in runs:
-        print(f"fl-lota compare: {method} with merges {', '.join(cfg.merges)} -> {cfg.results_dir}", flush=True)
-        try:
-            outcome = launch(
-                app,
-                config_file=args.conf,
-                run_config=run_sets,
-                federation_config=_federation(cfg, args),
-                flwr_home=args.flwr_home,
-            )
-            launch_info = {"run_id": outcome.run_id, "status": outcome.status, "seconds": outcome.seconds}
-            (Path(cfg.results_dir) / "launch.json").write_text(json.dumps(launch_info) + "\n")
-            results.append((method, report.read_rows(Path(cfg.results_dir) / "metrics.jsonl")))
-        except (RunFailed, FileNotFoundError, ValueError) as e:
-            print(f"fl-lota compare: {method} failed: {e}", file=sys.stderr)
-            results.append((method, []))
-    md = report.write_comparison(out, report.comparison_rows(results))
-    print(md.read_text())
-    print(f"fl-lota compare: table {md}, plot {out / 'compare.png'}")
-    return 0 if all(rows for _, rows in results) else 1
+    return run_compare(plan, out, plan_only=args.plan_only, estimate=not args.no_estimate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,16 +57,19 @@ class TrainOutcome:
     values_only: bool
     mask_payload: bytes | None  # set when a new mask was made: keep it for later rounds
     metrics: dict[str, float] = field(default_factory=dict)
+    seen: list[int] = field(default_factory=list)  # indices of the training examples used, in order
 
 
 class LocalNode:
     """Client ``partition_id`` of the federation in ``cfg``."""
 
-    def __init__(self, cfg: RunConfig, partition_id: int) -> None:
+    def __init__(self, cfg: RunConfig, partition_id: int, data: ClientData | None = None) -> None:
+        """``data``: the client's examples and evaluation tasks (default: its share of the
+        federation in ``cfg``; the single-task and tuning runs pass their own)."""
         self.cfg = cfg
         self.partition_id = partition_id
-        self.data: ClientData = client_data(
-            cfg.spec, partition_id, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed
+        self.data: ClientData = data or client_data(
+            cfg.spec, partition_id, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.data_seed
         )
         if not self.data.train:
             raise ValueError(f"client {partition_id} of federation {cfg.federation!r} holds no training data")
@@ -124,17 +127,25 @@ class LocalNode:
 
     # ---- one training round ------------------------------------------------------
 
+    @property
+    def stream_seed(self) -> str:
+        """Seed of this client's example stream: the run's seed and the partition."""
+        return f"{self.cfg.seed}:p{self.partition_id}"
+
     def train(
         self,
         global_payload: bytes,
         mask_payload: bytes | None = None,
         *,
+        server_round: int = 1,
         eval_start: bool = False,
         eval_local: bool = False,
     ) -> TrainOutcome:
-        """Fine-tune from ``base + G``. ``mask_payload``: the payload that registered this
-        client's LoTA mask in an earlier round (reuse the mask, upload values only).
-        eval_start / eval_local: also score the received model / the locally tuned one."""
+        """Fine-tune from ``base + G`` for round ``server_round`` (the round picks where in
+        the local example stream training continues). ``mask_payload``: the payload that
+        registered this client's LoTA mask in an earlier round (reuse the mask, upload
+        values only). eval_start / eval_local: also score the received model / the locally
+        tuned one."""
         cfg = self.cfg
         model, tok, load_s = self._model_at(global_payload)
         metrics: dict[str, float] = {"partition-id": float(self.partition_id), "load-seconds": load_s}
@@ -150,7 +161,16 @@ class LocalNode:
             opts["mask"] = mask
         examples = to_examples(tok, self.data.train)
         t0 = time.perf_counter()
-        res = finetune(cfg.method, model, examples, cfg.train_config(), pad_id=tok.pad_token_id, **opts)
+        res = finetune(
+            cfg.method,
+            model,
+            examples,
+            cfg.train_config(first_round=mask is None),
+            pad_id=tok.pad_token_id,
+            start=cfg.stream_start(server_round),
+            stream_seed=self.stream_seed,
+            **opts,
+        )
         metrics["train-seconds"] = time.perf_counter() - t0
         for phase, s in res.phases.items():
             metrics[f"seconds.{phase}"] = s
@@ -169,6 +189,11 @@ class LocalNode:
             "loss-first": float(res.losses[0]),
             "loss-last": float(res.losses[-1]),
             "steps": float(len(res.losses)),
+            "fb-passes": float(res.passes),  # forward+backward batches, calibration included
+            "train-examples": float(len(res.seen)),
+            "distinct-examples": float(len(set(res.seen))),
+            "stream-start": float(res.stream_start),
+            "stream-end": float(res.stream_end),
             "trained-params": float(res.trained_params),
             "nnz": float(upload.nnz),  # values sent
             "numel": float(res.delta.numel),  # entries of the dense update they stand for
@@ -176,7 +201,7 @@ class LocalNode:
             "values-only": float(values_only),
             "index-entropy-bytes": 0.0 if values_only else _index_entropy_bytes(upload),
         }
-        return TrainOutcome(payload, values_only, new_mask, metrics)
+        return TrainOutcome(payload, values_only, new_mask, metrics, seen=list(res.seen))
 
     # ---- evaluation of received models -------------------------------------------
 

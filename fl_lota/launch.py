@@ -160,13 +160,19 @@ def launch(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         ) as proc:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if echo:
-                    sys.stdout.write(line)
-                if time.perf_counter() - t0 > timeout:
-                    proc.kill()
-                    raise RunFailed(f"flwr run took longer than {timeout:.0f} s")
+            try:
+                for line in proc.stdout:
+                    lines.append(line)
+                    if echo:
+                        sys.stdout.write(line)
+                    if time.perf_counter() - t0 > timeout:
+                        proc.kill()
+                        _stop(_run_id(lines), env)
+                        raise RunFailed(f"flwr run took longer than {timeout:.0f} s")
+            except KeyboardInterrupt:  # the SuperLink would go on with the run in the background
+                proc.kill()
+                _stop(_run_id(lines), env)
+                raise
     finally:
         if overrides is not None:
             os.unlink(overrides)
@@ -187,6 +193,17 @@ def launch(
     if status.get("status") != "finished:completed":
         raise RunFailed(f"run {run_id} ended as {status.get('status')}: {status.get('status-details')}")
     return RunOutcome(run_id, status["status"], seconds, text)
+
+
+def _run_id(lines: list[str]) -> str | None:
+    m = re.search(r"Successfully started run (\d+)", "".join(lines))
+    return m.group(1) if m else None
+
+
+def _stop(run_id: str | None, env: dict[str, str]) -> None:
+    """Ask the SuperLink to stop ``run_id`` (best effort: it may have ended already)."""
+    if run_id is not None:
+        subprocess.run([*_flwr(), "stop", run_id], env=env, capture_output=True, timeout=60, check=False)
 
 
 def stop_local_superlink(flwr_home: str | Path) -> list[int]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import lowrank
-from .data import Example, batch_iterator
+from .data import DataStream, Example
 from .lora import LoraOptions, lora_finetune
 from .lota import LotaConfig, calibrate, extract, lotto_frozen, scope_params, sparse_adapt
 from .masks import DEFAULT_SCOPE, Mask
@@ -36,6 +36,10 @@ class FinetuneResult:
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     masks_history: list[Mask] = field(default_factory=list)  # iterative calibration
     factors: SparseTaskVector | None = None  # lora: the update as low-rank factors (fl_lota.lowrank)
+    seen: list[int] = field(default_factory=list)  # example indices trained on, in order (all phases)
+    passes: int = 0  # batches through forward + backward, every phase (LoTA's calibration too)
+    stream_start: int = 0  # stream positions read: [stream_start, stream_end)
+    stream_end: int = 0
 
 
 def _check_options(method: str, given: Iterable[str], known: set[str]) -> None:
@@ -44,21 +48,18 @@ def _check_options(method: str, given: Iterable[str], known: set[str]) -> None:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; known: {sorted(known)}")
 
 
-def _lota(model, examples, cfg, pad_id, *, mask: Mask | None = None, exclude: Sequence[Mask] = (), **opts):
+def _lota(model, examples, cfg, data: DataStream, *, mask: Mask | None = None, exclude: Sequence[Mask] = (), **opts):
     """mask: reuse a mask (skip calibration, e.g. later federated rounds). exclude:
-    earlier tasks' masks (LoTTO): calibrated with them frozen, extracted disjoint."""
+    earlier tasks' masks (LoTTO): calibrated with them frozen, extracted disjoint. Every
+    phase reads on from ``data``: calibration's batches are not replayed by the sparse phase."""
     _check_options("lota", opts, LotaConfig.option_names())
     lc = LotaConfig(**opts)
     params = scope_params(model, lc.scope)
-
-    def batches():
-        return batch_iterator(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, max_len=cfg.max_len)
-
     phases, t0 = {}, time.perf_counter()
     frozen = lotto_frozen(exclude) if exclude else None
     history: list[Mask] = []
     if mask is None:
-        delta, _ = calibrate(model, batches(), cfg, params, steps=lc.calib_steps(len(examples), cfg), frozen=frozen)
+        delta, _ = calibrate(model, data, cfg, params, steps=lc.calib_steps(len(examples), cfg), frozen=frozen)
         phases["calibrate"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         mask = extract(delta, lc.sparsity, mode=lc.mask_mode, selector=lc.selector, exclude=exclude, seed=lc.seed)
@@ -70,7 +71,7 @@ def _lota(model, examples, cfg, pad_id, *, mask: Mask | None = None, exclude: Se
     base = {n: p.detach().clone() for n, p in params.items()} if lc.iterative else {}
     for sparsity in lc.iterative:
         t1 = time.perf_counter()
-        tv, st = sparse_adapt(model, batches(), sparse_cfg, params, mask)
+        tv, st = sparse_adapt(model, data, sparse_cfg, params, mask)
         losses += st.losses
         with torch.no_grad():
             for n, p in params.items():  # back to the base, bit for bit
@@ -79,19 +80,18 @@ def _lota(model, examples, cfg, pad_id, *, mask: Mask | None = None, exclude: Se
         history.append(mask)
         phases[f"iterate_{sparsity}"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    tv, st = sparse_adapt(model, batches(), sparse_cfg, params, mask)
+    tv, st = sparse_adapt(model, data, sparse_cfg, params, mask)
     phases["sparse_adapt"] = time.perf_counter() - t1
     n = sum(int(m.sum()) for m in mask.values())
     return FinetuneResult("lota", tv, mask, n, losses + st.losses, time.perf_counter() - t0, phases, history)
 
 
-def _fft(model, examples, cfg, pad_id, *, scope: Sequence[str] | str = DEFAULT_SCOPE):
+def _fft(model, examples, cfg, data: DataStream, *, scope: Sequence[str] | str = DEFAULT_SCOPE):
     """Full fine-tuning over ``scope`` (default: LoTA's scope, so that LoTA at sparsity 0
     is exactly FFT; ``"all"`` trains every parameter)."""
     params = scope_params(model, scope)
     base = {n: p.detach().clone() for n, p in params.items()}
-    batches = batch_iterator(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, max_len=cfg.max_len)
-    st = train(model, params, batches, cfg, desc="fft")
+    st = train(model, params, data, cfg, desc="fft")
     delta = {n: p.detach().float() - base[n].float() for n, p in params.items()}
     n = sum(p.numel() for p in params.values())
     return FinetuneResult(
@@ -99,10 +99,9 @@ def _fft(model, examples, cfg, pad_id, *, scope: Sequence[str] | str = DEFAULT_S
     )
 
 
-def _lora(model, examples, cfg, pad_id, **opts):
+def _lora(model, examples, cfg, data: DataStream, **opts):
     _check_options("lora", opts, LoraOptions.option_names())
-    batches = batch_iterator(examples, cfg.batch_size, pad_id=pad_id, seed=cfg.seed, max_len=cfg.max_len)
-    res = lora_finetune(model, batches, cfg, LoraOptions(**opts))
+    res = lora_finetune(model, data, cfg, LoraOptions(**opts))
     st = res.stats
     return FinetuneResult(
         "lora",
@@ -126,11 +125,20 @@ def finetune(
     cfg: TrainConfig,
     *,
     pad_id: int,
+    start: int = 0,
+    stream_seed: int | str | None = None,
     **options,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` in place on ``examples`` with a registered method."""
+    """Fine-tune ``model`` in place on ``examples`` with a registered method. Batches come
+    from position ``start`` of the seeded example stream (``fl_lota.data.stream_order``,
+    seed ``stream_seed``, default ``cfg.seed``); the result records the examples seen and
+    the forward/backward passes spent, calibration included."""
     if method not in FINETUNE_METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; known: {sorted(FINETUNE_METHODS)}")
     if not examples:
         raise ValueError("no training examples")
-    return FINETUNE_METHODS[method](model, examples, cfg, pad_id, **options)
+    seed = cfg.seed if stream_seed is None else stream_seed
+    data = DataStream(examples, cfg.batch_size, pad_id=pad_id, seed=seed, start=start, max_len=cfg.max_len)
+    res = FINETUNE_METHODS[method](model, examples, cfg, data, **options)
+    res.seen, res.passes, res.stream_start, res.stream_end = list(data.seen), data.batches, data.start, data.position
+    return res

@@ -27,6 +27,7 @@ __all__ = [
     "load",
     "load_model",
     "load_tokenizer",
+    "param_shapes",
     "resolve",
 ]
 
@@ -146,18 +147,22 @@ def load_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "
 
 def param_shapes(name: str, **overrides) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of ``load_model(name)``, without its weights (the model
-    is built on the meta device): what a server checks uploads against."""
+    is built on the meta device): what a server checks uploads against. The model's files
+    are found (and the default model converted, on first use) before the meta device is
+    entered: ``from_pretrained`` refuses to run inside it."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    with torch.device("meta"):
-        if name == "tiny":
-            model = LlamaForCausalLM(LlamaConfig(**{**TINY_CONFIG, **overrides}))
-        else:
-            path = resolve(name)
-            try:
-                config = AutoConfig.from_pretrained(path, **overrides)
-            except (OSError, ValueError) as e:
-                raise _not_found(name, e) from None
+    if name == "tiny":
+        config = LlamaConfig(**{**TINY_CONFIG, **overrides})
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    else:
+        path = resolve(name)
+        try:
+            config = AutoConfig.from_pretrained(path, **overrides)
+        except (OSError, ValueError) as e:
+            raise _not_found(name, e) from None
+        with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 

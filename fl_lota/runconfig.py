@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from . import codec
@@ -21,7 +21,10 @@ from .optim import OPTIMIZERS
 from .partition import FederationSpec
 from .train import TrainConfig
 
-__all__ = ["KEYS", "RunConfig", "RunConfigError"]
+__all__ = ["KEYS", "RESUME_MAY_CHANGE", "RunConfig", "RunConfigError"]
+
+# what a run resumed from a checkpoint may change; any other difference is refused
+RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout")
 
 
 class RunConfigError(ValueError):
@@ -38,8 +41,8 @@ class RunConfig:
     eval_merges: str = ""  # further merges scored on the same uploads each round, comma-separated
     sparsity: float = 0.9  # lota: frozen fraction
     mask_mode: str = "global"
-    calibration_steps: int = 10  # lota: full fine-tuning steps that find the mask (first round)
-    local_steps: int = 20  # optimizer steps per round (lota: of sparse adaptation)
+    calibration_steps: int = 10  # lota: full fine-tuning steps that find the mask, part of the first round's budget
+    local_steps: int = 20  # optimizer steps per client and round, every method (lota's calibration included)
     lr: float = 5e-5
     sparse_lr: float = 1e-4  # lota: learning rate of the sparse phase; 0 = same as lr
     optimizer: str = "rmsprop"
@@ -52,8 +55,10 @@ class RunConfig:
     ties_k: float = 0.2  # ties: kept fraction of each update
     values: str = "bf16"  # wire dtype of update values: float32 | bf16 | int8
     n_train: int = 256
-    n_test: int = 32
+    n_test: int = 100
     eval_every: int = 1  # federated evaluation every N rounds (the last round always)
+    eval_base: bool = True  # round 1: clients also score the base model (the floor)
+    eval_local: bool = False  # evaluation rounds: clients also score their own model after local training
     fraction_train: float = 1.0
     min_train_nodes: int = 0  # 0: every client of the federation
     max_upload_mb: float = 2048.0  # larger uploads are refused before decoding
@@ -63,7 +68,8 @@ class RunConfig:
     results_dir: str = ""  # absolute; '' = ~/fl-lota-results/<timestamp>-<method>-<merge>
     client_state_dir: str = ""  # absolute; clients also keep their LoTA mask here (survives restarts)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
+    seed: int = 0  # training randomness: the order of each client's example stream, LoRA/random-mask init
+    data_seed: int = 0  # which examples each task holds (generated samples, held-out splits)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> RunConfigError:
@@ -90,6 +96,12 @@ class RunConfig:
         for key in ("sparse_lr", "max_grad_norm", "min_train_nodes", "clip_norm", "min_replies"):
             if getattr(self, key) < 0:
                 raise bad(key.replace("_", "-"), f"must be >= 0, got {getattr(self, key)}")
+        if self.method == "lota" and self.calibration_steps >= self.local_steps:
+            raise bad(
+                "calibration-steps",
+                f"{self.calibration_steps} leaves no sparse steps: LoTA's calibration counts against the round's "
+                f"budget of local-steps={self.local_steps}; give fewer calibration steps or more local steps",
+            )
         if not 0 < self.fraction_train <= 1:
             raise bad("fraction-train", f"must lie in (0, 1], got {self.fraction_train}")
         if not 0 < self.ties_k <= 1:
@@ -127,6 +139,10 @@ class RunConfig:
             kw[f.name] = value
         return cls(**kw)
 
+    def resumable(self) -> dict[str, object]:
+        """The settings a checkpoint must match to be resumed (all but ``RESUME_MAY_CHANGE``)."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUME_MAY_CHANGE}
+
     # ---- derived settings -------------------------------------------------------------
 
     @property
@@ -150,9 +166,15 @@ class RunConfig:
             return {"lam": self.merge_lam}
         return {}
 
-    def train_config(self) -> TrainConfig:
+    def train_config(self, *, first_round: bool = False) -> TrainConfig:
+        """The round's training settings. Every method gets ``local-steps`` optimizer steps
+        per round; LoTA's calibration is part of them, so in the round where a LoTA client
+        makes its mask it trains ``local-steps - calibration-steps`` sparse steps."""
+        steps = self.local_steps
+        if self.method == "lota" and first_round:
+            steps -= self.calibration_steps
         return TrainConfig(
-            steps=self.local_steps,
+            steps=steps,
             lr=self.lr,
             optimizer=self.optimizer,
             max_grad_norm=self.max_grad_norm or None,
@@ -161,6 +183,19 @@ class RunConfig:
             bf16=self.bf16,
             seed=self.seed,
         )
+
+    @property
+    def examples_per_round(self) -> int:
+        """Examples each client trains on per round (one forward and backward pass each)."""
+        return self.local_steps * self.batch_size
+
+    def stream_start(self, server_round: int) -> int:
+        """Where round ``server_round`` begins in a client's example stream: each round
+        continues through the local data (a deterministic function of the round, so a
+        resumed run or a client that missed rounds reads the same examples)."""
+        if server_round < 1:
+            raise ValueError(f"rounds count from 1, got {server_round}")
+        return (server_round - 1) * self.examples_per_round
 
     def finetune_options(self, *, first_round: bool) -> dict[str, object]:
         if self.method == "lota":

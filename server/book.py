@@ -7,9 +7,18 @@ instructions, carrying the global update and any further merges to score). Next 
 ``uplink_payload_bytes`` (the FLTV payloads alone), ``dense_fp32_bytes`` (the same updates
 sent as dense float32) and ``index_entropy_bytes`` (the masks' entropy bound).
 
-Scores: ``scores[merge][task]`` from federated evaluation of the merged model(s) on the
-clients' test splits; ``local_scores[task]``: each client's own fine-tuned model this round
-(the single-task reference); ``normalized[merge]``: merged / local, and their ``mean``.
+Per client (``clients``, one entry per training reply): the bytes of its reply and of the
+training instruction it received, its payload, the forward/backward passes it spent and the
+examples it trained on (``examples``: stream positions and the example indices, in order).
+``eval_clients``: per client, the bytes of the evaluation instruction it received.
+
+Scores: ``scores[merge][task]`` from federated evaluation on the clients' test splits.
+``scores[<merge>]`` is the global model of this run; the further merges of ``eval-merges``
+(listed in ``remerged``) are NOT federations of their own: each is ``G`` of the previous
+round plus that merge of this round's uploads, scored once. ``start_scores``: the base
+model (round 1). ``local_scores``: each client's own model after this round's local
+training, which started from the global model; it is not the single-task reference that
+normalized scores divide by (``fl-lota compare`` trains those apart).
 """
 
 from __future__ import annotations
@@ -38,7 +47,6 @@ class RoundBook:
         self.path = self.dir / "metrics.jsonl"
         self.rows: list[dict] = []
         self.row: dict = {}
-        self._node_pid: dict[int, int] = {}
 
     def client_name(self, partition: int) -> str:
         spec = self.cfg.spec
@@ -61,6 +69,7 @@ class RoundBook:
             "rejected": {},
         }
         self._downlink = downlink
+        self._eval_downlink: dict[int, int] = {}
         self._evals: list[tuple[int, dict[str, float]]] = []
 
     def failure(self, node: int, reason: str) -> None:
@@ -69,9 +78,10 @@ class RoundBook:
     def reject(self, node: int, reason: str) -> None:
         self.row["rejected"][str(node)] = reason
 
-    def upload(self, node: int, message_bytes: int, array_bytes: int, m: dict[str, float]) -> None:
+    def upload(
+        self, node: int, message_bytes: int, array_bytes: int, m: dict[str, float], seen: list[int] | None = None
+    ) -> None:
         pid = int(m.get("partition-id", -1))
-        self._node_pid[node] = pid
         self.row["clients"].append(
             {
                 "node": str(node),
@@ -86,6 +96,14 @@ class RoundBook:
                 "numel": int(m.get("numel", 0)),
                 "index_entropy_bytes": m.get("index-entropy-bytes", 0.0),
                 "examples": int(m.get("num-examples", 0)),
+                "fb_passes": int(m.get("fb-passes", 0)),
+                "train_examples": int(m.get("train-examples", 0)),
+                "examples_seen": {
+                    "stream_start": int(m.get("stream-start", 0)),
+                    "stream_end": int(m.get("stream-end", 0)),
+                    "distinct": int(m.get("distinct-examples", 0)),
+                    "indices": list(seen or []),
+                },
                 "loss_first": m.get("loss-first"),
                 "loss_last": m.get("loss-last"),
                 "train_seconds": m.get("train-seconds", 0.0),
@@ -136,9 +154,20 @@ class RoundBook:
 
     def eval_sent(self, downlink: dict[int, int]) -> None:
         self.row["eval_downlink_bytes"] = sum(downlink.values())
+        self._eval_downlink = dict(downlink)
 
     def evaluated(self, node: int, metrics: dict[str, float]) -> None:
-        self._evals.append((int(metrics.get("partition-id", -1)), metrics))
+        pid = int(metrics.get("partition-id", -1))
+        self._evals.append((pid, metrics))
+        self.row.setdefault("eval_clients", []).append(
+            {
+                "node": str(node),
+                "partition": pid,
+                "client": self.client_name(pid),
+                "downlink_bytes": self._eval_downlink.get(node, 0),
+                "eval_seconds": metrics.get("eval-seconds", 0.0),
+            }
+        )
 
     def end_round(self, *, eval_wall: float, round_wall: float) -> dict:
         row = self.row
@@ -150,13 +179,8 @@ class RoundBook:
                 scores[merge] = s
         row["scores"] = scores
         row["mean_score"] = {m: sum(s.values()) / len(s) for m, s in scores.items()}
-        local = row.get("local_scores", {})
-        row["normalized"] = {}
-        for m, s in scores.items():
-            norm = {t: v / local[t] for t, v in s.items() if local.get(t, 0) > 0}
-            if norm:
-                norm["mean"] = sum(norm.values()) / len(norm)
-            row["normalized"][m] = norm
+        row["remerged"] = [m for m in scores if m != self.cfg.merge]
+        row.setdefault("eval_clients", [])
         row.setdefault("seconds", {})
         row["seconds"] |= {
             "eval_wall": eval_wall,
@@ -208,8 +232,8 @@ class RoundBook:
         ]
         for m, s in row.get("scores", {}).items():
             tasks = " ".join(f"{t}={v:.3f}" for t, v in s.items())
-            norm = row["normalized"].get(m, {}).get("mean")
-            parts.append(f"[{m}] {tasks}" + (f" norm={norm:.3f}" if norm is not None else ""))
+            label = f"re-merge {m}" if m in row.get("remerged", ()) else m
+            parts.append(f"[{label}] {tasks}")
         if row.get("rejected") or row.get("failures"):
             parts.append(f"rejected {len(row['rejected'])}, failed {len(row['failures'])}")
         return " | ".join(parts)

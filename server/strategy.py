@@ -12,7 +12,6 @@ import random
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import asdict
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -21,21 +20,14 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from clients.wire import ARRAYS, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
+from clients.wire import ARRAYS, METRICS, PAYLOAD, SEEN, content_bytes, fltv_array, payloads
 from fl_lota.checkpoint import Checkpoint, save_checkpoint
 from fl_lota.fedserver import Aggregator, Upload
 from fl_lota.runconfig import RunConfig
 
 from .book import RoundBook
 
-__all__ = ["LotaFedAvg", "resumable_config"]
-
-# keys a resumed run may change
-RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout")
-
-
-def resumable_config(cfg: RunConfig) -> dict:
-    return {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_CHANGE}
+__all__ = ["LotaFedAvg"]
 
 
 class LotaFedAvg(FedAvg):
@@ -87,14 +79,14 @@ class LotaFedAvg(FedAvg):
             global_tv=self.aggregator.global_tv,
             masks=dict(self.aggregator.masks),
             rows=self.book.rows,
-            config=resumable_config(self.cfg),
+            config=self.cfg.resumable(),
             rng=random.getstate(),
             extra={"run_tag": self.run_tag},
         )
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt`` (its config must match this run's, but for the round count)."""
-        mine = resumable_config(self.cfg)
+        mine = self.cfg.resumable()
         diff = sorted(k for k in set(mine) | set(ckpt.config) if mine.get(k) != ckpt.config.get(k))
         if diff:
             raise ValueError(f"cannot resume: the run config differs from the checkpoint's in {diff}")
@@ -116,9 +108,9 @@ class LotaFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._t = {"round-start": time.perf_counter()}
-        config["eval-start"] = server_round == 1
+        config["eval-start"] = server_round == 1 and self.cfg.eval_base
         config["fl-lota-run"] = self.run_tag
-        config["eval-local"] = self.is_eval_round(server_round)
+        config["eval-local"] = self.is_eval_round(server_round) and self.cfg.eval_local
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.book.start_round(server_round, {m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         self._t["train-sent"] = time.perf_counter()
@@ -136,12 +128,14 @@ class LotaFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             try:
                 payload = payloads(msg.content[ARRAYS])[""]
-                metrics = {k: float(v) for k, v in msg.content[METRICS].items()}
+                raw = dict(msg.content[METRICS])
+                seen = [int(i) for i in raw.pop(SEEN, [])]
+                metrics = {k: float(v) for k, v in raw.items()}
                 weight = metrics["num-examples"]
             except (KeyError, ValueError, TypeError) as e:
                 self.book.failure(node, f"malformed reply: {e!r}")
                 continue
-            self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), metrics)
+            self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), metrics, seen)
             pid = metrics.get("partition-id")
             key = f"p{int(pid)}" if pid is not None and pid >= 0 else None
             uploads.append(Upload(str(node), payload, weight, metrics, mask_key=key))

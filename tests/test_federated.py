@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fl_lota import codec, lowrank
+from fl_lota.data import stream_order
 from fl_lota.fedclient import LocalNode, load_base
 from fl_lota.fedserver import Aggregator, Upload
 from fl_lota.merge import merge
@@ -17,8 +18,8 @@ from fl_lota.task_vector import SparseTaskVector, SparseTensor
 TINY = dict(
     model="tiny",
     federation="math,classify",
-    calibration_steps=2,
-    local_steps=2,
+    calibration_steps=1,
+    local_steps=3,
     batch_size=4,
     max_len=64,
     n_train=16,
@@ -130,6 +131,33 @@ def test_lota_client_uploads_full_then_values_only_and_the_server_follows():
     for n, t in agg.global_tv.items():
         assert not (t.mask() & ~mask[n]).any()
     assert any(not torch.equal(agg.global_tv[n].values, g1[n].values) for n in g1)
+
+
+def test_each_round_continues_through_the_local_data():
+    cfg = RunConfig(**TINY, method="fft", merge="fedavg")
+    node = LocalNode(cfg, 0)
+    empty = codec.encode(SparseTaskVector())
+    r1, r2 = node.train(empty, server_round=1), node.train(empty, server_round=2)
+    per_round = cfg.local_steps * cfg.batch_size  # 12 of the 16 examples
+    assert (r1.metrics["stream-start"], r2.metrics["stream-start"]) == (0, per_round)
+    assert r1.seen == stream_order(16, node.stream_seed, 0, per_round)
+    assert r2.seen == stream_order(16, node.stream_seed, per_round, per_round)
+    assert set(r1.seen) | set(r2.seen) == set(range(16))  # round 2 reaches the examples round 1 left
+    assert r1.seen != r2.seen[: len(r1.seen)]
+    # the same round again (a resumed run) reads the same examples; another client, another order
+    assert node.train(empty, server_round=2).seen == r2.seen
+    assert LocalNode(cfg, 1).train(empty, server_round=1).seen != r1.seen
+    assert r1.metrics["fb-passes"] == cfg.local_steps and r1.metrics["train-examples"] == per_round
+
+
+def test_lota_spends_the_same_passes_as_fft_with_calibration_counted():
+    cfg = RunConfig(**TINY)
+    node = LocalNode(cfg, 0)
+    first = node.train(codec.encode(SparseTaskVector()), server_round=1)
+    assert first.metrics["fb-passes"] == cfg.local_steps  # 1 calibration + 2 sparse
+    assert first.metrics["steps"] == cfg.local_steps - cfg.calibration_steps
+    later = node.train(codec.encode(SparseTaskVector()), first.mask_payload, server_round=2)
+    assert later.metrics["fb-passes"] == cfg.local_steps == later.metrics["steps"]
 
 
 def test_client_starts_from_base_plus_global():

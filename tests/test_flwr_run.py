@@ -56,7 +56,7 @@ def test_flwr_run_tiny_federation(flwr_home, tmp_path):
     assert "| 2 | 2/2 (2 values-only)" in (out / "summary.md").read_text()
 
 
-def test_a_failed_run_is_reported_with_flowers_reason(flwr_home, tmp_path):
+def test_a_failed_run_is_reported_with_flowers_reason(flwr_home, tmp_path, capsys):
     with pytest.raises(RunFailed, match="results-dir"):
         launch(
             APP,
@@ -65,32 +65,75 @@ def test_a_failed_run_is_reported_with_flowers_reason(flwr_home, tmp_path):
             federation_config=FED,
             flwr_home=flwr_home,
         )
+    # the README's command: a run that fails inside Flower exits non-zero with the reason
+    argv = ["run", "--app", str(APP), "--conf", str(TINY), "--flwr-home", str(flwr_home)]
+    assert cli_main([*argv, "--set", f"model={tmp_path / 'no-model'}"]) == 2
+    err = capsys.readouterr().err
+    assert "ended as finished:failed" in err and "cannot load model" in err
 
 
-def test_compare_writes_one_table_over_methods_and_merges(flwr_home, tmp_path):
-    rc = cli_main(
-        [
-            "compare",
-            "--app",
-            str(APP),
-            "--conf",
-            str(TINY),
-            "--grid",
-            "lota:mask_aware,ties fft:fedavg",
-            "--out",
-            str(tmp_path),
-            "--flwr-home",
-            str(flwr_home),
-        ]
-    )
+def test_compare_runs_each_merge_as_its_own_federation_and_resumes(flwr_home, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--app", str(APP), "--conf", str(TINY), "--grid", "lota:mask_aware,ties fft:fedavg"]
+    argv += ["--no-tune", "--no-estimate", "--out", str(out), "--flwr-home", str(flwr_home)]
+    # what a crash after round 1 leaves behind: checkpoints, no finished record
+    assert cli_main([*argv, "--seeds", "1", "--set", "num-server-rounds=1"]) == 0
+    first = read_rows(out / "runs" / "seed0" / "lota-mask_aware" / "metrics.jsonl")
+    capsys.readouterr()
+    assert cli_main([*argv, "--seeds", "2"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("resuming from its checkpoint") == 3 and log.count("flwr run ->") == 6
+    rows = read_rows(out / "runs" / "seed0" / "lota-mask_aware" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2] and _comparable(rows[:1]) == _comparable(first)
+    assert all(c["values_only"] for c in rows[1]["clients"])  # the clients kept their masks across the cut
+    for seed in (0, 1):
+        for run, merge in (("lota-mask_aware", "mask_aware"), ("lota-ties", "ties"), ("fft-fedavg", "fedavg")):
+            cfg = json.loads((out / "runs" / f"seed{seed}" / run / "config.json").read_text())
+            assert (cfg["merge"], cfg["eval_merges"], cfg["seed"]) == (merge, "", seed)  # its own federation
+            r = read_rows(out / "runs" / f"seed{seed}" / run / "metrics.jsonl")[-1]
+            assert list(r["scores"]) == [merge] and r["remerged"] == []
+        for method in ("lota", "fft"):
+            for task in ("0-math", "1-classify"):
+                assert (out / "reference" / f"seed{seed}" / method / f"{task}.json").is_file()
+    data = json.loads((out / "compare.json").read_text())
+    assert set(data["summary"]) == {"lota:mask_aware", "lota:ties", "fft:fedavg"}
+    assert all(e["seeds"] == ["0", "1"] for e in data["summary"].values())
+    md = (out / "compare.md").read_text()
+    assert "| lota | ties |" in md and "each method x merge is its own federation" in md
+    # a third call finds everything done
+    assert cli_main([*argv, "--seeds", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "flwr run ->" not in log and log.count("stored run reused") == 6
+
+
+def test_default_model_from_an_empty_cache_through_the_readme_command(tmp_path, monkeypatch):
+    """The README's first command on a fresh machine: the embedded model is converted by
+    the apps themselves (the ServerApp builds its shapes from it), and the run completes."""
+    cache, home, out = tmp_path / "model-cache", tmp_path / "flwr-home", tmp_path / "results"
+    monkeypatch.setenv("FL_LOTA_CACHE", str(cache))
+    sets = {
+        "federation": "math,classify",
+        "num-server-rounds": 1,
+        "calibration-steps": 1,
+        "local-steps": 2,
+        "batch-size": 2,
+        "n-train": 8,
+        "n-test": 4,
+        "max-len": 96,
+        "eval-base": "false",
+        "results-dir": str(out),
+    }
+    try:
+        rc = cli_main(
+            ["run", "--app", str(APP), "--flwr-home", str(home), *(f"--set={k}={v}" for k, v in sets.items())]
+        )
+    finally:
+        stop_local_superlink(home)
     assert rc == 0
-    entries = json.loads((tmp_path / "compare.json").read_text())
-    assert [(e["method"], e["merge"]) for e in entries] == [("lota", "mask_aware"), ("lota", "ties"), ("fft", "fedavg")]
-    lota, fft = entries[0], entries[2]
-    assert lota["uplink_round1"] < fft["uplink_round1"] and lota["uplink_later"] < fft["uplink_later"]
-    table = (tmp_path / "compare.md").read_text()
-    assert "| lota | ties |" in table and "| fft | fedavg |" in table
-    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert (cache / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+    (row,) = read_rows(out / "metrics.jsonl")
+    assert row["accepted"] == 2 and set(row["scores"]["mask_aware"]) == {"math", "classify"}
+    assert json.loads((out / "config.json").read_text())["model"] == "default"
 
 
 def test_flwr_run_with_custom_task_files(flwr_home, tmp_path):
@@ -170,6 +213,10 @@ def _comparable(rows: list[dict]) -> list[dict]:
                 {k: v for k, v in c.items() if not k.endswith("seconds") and k not in ("node", "metrics")}
                 for c in r["clients"]
             ),
+            key=lambda c: c["partition"],
+        )
+        r["eval_clients"] = sorted(
+            ({k: v for k, v in c.items() if k not in ("node", "eval_seconds")} for c in r.get("eval_clients", [])),
             key=lambda c: c["partition"],
         )
         out.append(r)

@@ -1,5 +1,5 @@
-"""Reports: tables and plots from metrics rows, the comparison's common reference, and the
-fl-lota command's argument checks (before any run starts)."""
+"""Reports: one run's tables and plots from metrics rows, and the fl-lota command's argument
+checks (before any run starts)."""
 
 from __future__ import annotations
 
@@ -42,41 +42,11 @@ def test_run_report_writes_table_and_plots(tmp_path):
     report.write_run_report(tmp_path, rows, wall_seconds=12.0)
     text = (tmp_path / "summary.md").read_text()
     assert "| 2 | 2/2 (2 values-only) | 0.00 | 0.01 | 20.0x |" in text
-    assert "| 0 (start) |" in text and "Wall time 12 s" in text
+    assert "| 0 (base model) |" in text and "Wall time 12 s" in text
+    # no score is divided by the clients' local models: they are not single-task references
+    assert "| normalized" not in text and "a normalized score needs single-task references" in text
+    assert "each client's own model after local training (from the global model) | 0.600 | 0.400 |" in text
     assert (tmp_path / "scores.png").stat().st_size > 1000 and (tmp_path / "bytes.png").stat().st_size > 1000
-
-
-def test_comparison_normalizes_against_the_best_single_task_score(tmp_path):
-    lota = [
-        row(
-            1,
-            "lota",
-            "mask_aware",
-            {"mask_aware": {"math": 0.4, "sql": 0.4}, "ties": {"math": 0.2, "sql": 0.4}},
-            {"math": 0.5, "sql": 0.8},
-            100,
-        ),
-        row(
-            2,
-            "lota",
-            "mask_aware",
-            {"mask_aware": {"math": 0.5, "sql": 0.4}, "ties": {"math": 0.2, "sql": 0.4}},
-            {"math": 0.5, "sql": 0.8},
-            50,
-            2,
-        ),
-    ]
-    fft = [row(1, "fft", "fedavg", {"fedavg": {"math": 0.8, "sql": 0.2}}, {"math": 1.0, "sql": 0.4}, 2000)]
-    entries = report.comparison_rows([("lota", lota), ("fft", fft), ("lora", [])])
-    by = {(e.get("method"), e.get("merge")): e for e in entries}
-    assert by[("lota", "mask_aware")]["normalized"] == pytest.approx((0.5 / 1.0 + 0.4 / 0.8) / 2)
-    assert by[("fft", "fedavg")]["normalized"] == pytest.approx((0.8 / 1.0 + 0.2 / 0.8) / 2)
-    assert by[("lota", "ties")]["uplink_round1"] == 100 and by[("lota", "ties")]["uplink_later"] == 50
-    assert by[("fft", "fedavg")]["uplink_later"] is None
-    assert any(e.get("error") for e in entries)
-    md = report.write_comparison(tmp_path, entries).read_text()
-    assert "| best single-task | - | 1.000 | 0.800 |" in md and "failed" in md
-    assert (tmp_path / "compare.png").exists()
 
 
 def test_read_rows_names_the_broken_line(tmp_path):

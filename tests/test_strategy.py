@@ -106,19 +106,35 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
         Reply(
             11,
             RecordDict(
-                {"metrics": MetricRecord({"score.math@mask_aware": 0.25, "score.math@ties": 0.5, "n.math": 4.0})}
+                {
+                    "metrics": MetricRecord(
+                        {"score.math@mask_aware": 0.25, "score.math@ties": 0.5, "n.math": 4.0, "partition-id": 0.0}
+                    )
+                }
             ),
         ),
         Reply(
             12,
-            RecordDict({"metrics": MetricRecord({"score.sql@mask_aware": 0.4, "score.sql@ties": 0.2, "n.sql": 4.0})}),
+            RecordDict(
+                {
+                    "metrics": MetricRecord(
+                        {"score.sql@mask_aware": 0.4, "score.sql@ties": 0.2, "n.sql": 4.0, "partition-id": 1.0}
+                    )
+                }
+            ),
         ),
     ]
+    book.eval_sent({11: 1000, 12: 1200})
     out = strategy.aggregate_evaluate(1, evals)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1
     r = rows[0]
     assert r["scores"] == {"mask_aware": {"math": 0.25, "sql": 0.4}, "ties": {"math": 0.5, "sql": 0.2}}
-    assert r["normalized"]["mask_aware"]["mean"] == pytest.approx((0.25 / 0.5 + 0.4 / 0.8) / 2)
+    # the re-merge is labelled as such; local scores are kept apart and nothing divides by them
+    assert r["remerged"] == ["ties"] and "normalized" not in r
+    assert r["local_scores"] == {"math": 0.5, "sql": 0.8}
+    # the evaluation downlink per client, not averaged
+    assert [(c["client"], c["downlink_bytes"]) for c in r["eval_clients"]] == [("math", 1000), ("sql", 1200)]
+    assert r["eval_downlink_bytes"] == 2200
     assert r["cumulative_uplink_bytes"] == r["uplink_bytes"]
     assert out["score-mean@mask_aware"] == pytest.approx(0.325)

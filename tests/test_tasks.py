@@ -54,6 +54,42 @@ def test_metric_is_one_on_references_and_lower_on_corruptions(name):
     assert t.score([_corrupt(t, s) for s in t.test])["score"] < 0.2
 
 
+@pytest.mark.parametrize("name", GENERATED)
+def test_test_items_use_phrasings_no_training_item_uses(name):
+    """The same random draws in the two splits give the same answer in other words."""
+    import random
+
+    from fl_lota.tasks.generated import GENERATORS
+
+    make = GENERATORS[name][0]
+    for i in range(50):
+        tr, te = make(random.Random(i), "train"), make(random.Random(i), "test")
+        assert tr.answer == te.answer and tr.prompt != te.prompt
+    with pytest.raises(ValueError, match="split"):
+        make(random.Random(0), "validation")
+
+
+def test_sql_execution_never_compares_results_on_empty_tables(tmp_path):
+    from fl_lota.tasks.metrics import EmptySchemaError
+
+    rows = [
+        {"q": f"q{i}", "sql": f"SELECT x FROM t WHERE x > {i}", "schema": "CREATE TABLE t (x INT);"} for i in range(9)
+    ]
+    path = tmp_path / "empty.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(EmptySchemaError, match="task empty: metric sql_execution needs rows"):
+        get_task(f"file:{path}?prompt=q&answer=sql&schema=schema&metric=sql_execution")
+    bare = Sample("", "SELECT x FROM t", {"setup": "CREATE TABLE t (x INT);"})
+    with pytest.raises(EmptySchemaError, match="no rows"):
+        sql_execution("SELECT x FROM t", bare)  # two queries on empty tables would "match"
+
+
+def test_generated_sql_filters_always_select_rows():
+    t = get_task("sql", n_train=200, n_test=100)
+    for s in t.train + t.test:
+        assert sql_results(s.answer, s.meta["setup"]) not in (None, [], [(0,)], [(None,)]), s.answer
+
+
 def test_sql_execution_accepts_equivalent_and_rejects_wrong_queries():
     setup = (
         "CREATE TABLE employees (id INTEGER, name TEXT, department TEXT, salary INTEGER, age INTEGER);"
@@ -167,7 +203,8 @@ def test_sql_create_context_and_samsum_from_local_files(tmp_path):
     (tmp_path / "sql" / "train.json").write_text(json.dumps(sql_rows))  # no test file: held out
     t = get_task("sql_create_context", source=str(tmp_path / "sql"), n_train=8, n_test=4)
     assert len(t.test) == 4 and len(t.train) == 8 and not {s.prompt for s in t.train} & {s.prompt for s in t.test}
-    assert t.score([s.answer for s in t.test]) == {"sql_exact": 1.0, "sql_execution": 1.0, "score": 1.0}
+    # its schemas are CREATE statements only: no execution match on empty tables
+    assert t.score([s.answer for s in t.test]) == {"sql_exact": 1.0, "score": 1.0}
     assert t.score(["SELECT age FROM head" for _ in t.test])["sql_exact"] == 0.0
 
     import csv

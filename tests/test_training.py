@@ -8,7 +8,7 @@ import torch
 
 from conftest import PAD, constant_task, mean_loss, reverse_task
 from fl_lota import FINETUNE_METHODS, TrainConfig, finetune
-from fl_lota.data import batch_iterator, collate
+from fl_lota.data import batch_iterator, collate, stream_order
 from fl_lota.lota import calibrate, scope_params
 from fl_lota.masks import density, overlap
 from fl_lota.models import ModelNotFoundError, load_model
@@ -77,10 +77,25 @@ def test_runs_are_reproducible_for_a_seed(toy):
 def test_lota_at_sparsity_zero_is_full_fine_tuning(toy):
     cfg = TrainConfig(steps=4, lr=2e-3)
     m1, m2 = load_model("tiny"), load_model("tiny")
-    lota = finetune("lota", m1, toy, cfg, pad_id=PAD, sparsity=0.0)
-    fft = finetune("fft", m2, toy, cfg, pad_id=PAD)
+    lota = finetune("lota", m1, toy, cfg, pad_id=PAD, sparsity=0.0, calibration_steps=3)
+    # the sparse phase reads on after calibration's 3 batches: FFT over those same batches
+    fft = finetune("fft", m2, toy, cfg, pad_id=PAD, start=3 * cfg.batch_size)
+    assert lota.seen[3 * cfg.batch_size :] == fft.seen
     for n in fft.delta:
         assert torch.equal(lota.delta[n].to_dense(), fft.delta[n].to_dense()), n
+
+
+def test_every_phase_reads_on_through_the_stream_and_counts_against_the_budget(toy):
+    cfg = TrainConfig(steps=5, lr=1e-3, batch_size=8)
+    res = finetune("lota", load_model("tiny"), toy, cfg, pad_id=PAD, calibration_steps=3, start=40)
+    assert res.passes == 3 + 5  # calibration's forward/backward passes count
+    assert (res.stream_start, res.stream_end) == (40, 40 + 8 * 8)
+    assert res.seen == stream_order(len(toy), cfg.seed, 40, 64)  # no batch replayed between phases
+    # a later round continues where this one stopped; 64 examples are one epoch, then a new order
+    nxt = finetune("fft", load_model("tiny"), toy, cfg, pad_id=PAD, start=res.stream_end)
+    assert nxt.seen == stream_order(len(toy), cfg.seed, 104, 40)
+    assert sorted(stream_order(len(toy), cfg.seed, 0, 64)) == list(range(64))  # an epoch sees every example once
+    assert stream_order(len(toy), cfg.seed, 64, 64) != stream_order(len(toy), cfg.seed, 0, 64)
 
 
 def test_calibrate_restores_the_base_exactly(tiny, toy):

@@ -12,7 +12,7 @@ import random
 from .base import Sample, Task, unique_split
 from .custom import TaskSpecError, is_spec, load_custom, parse_spec
 from .generated import GENERATORS
-from .metrics import METRICS
+from .metrics import METRICS, check_sql_rows
 from .real import CONVERTERS, load_rows
 
 __all__ = [
@@ -47,14 +47,15 @@ def task_label(name: str) -> str:
     return parse_spec(name).label if is_spec(name) else name
 
 
-def get_task(name: str, *, n_train: int = 256, n_test: int = 64, seed: int = 0, source: str | None = None) -> Task:
-    """A built-in task by name, or a custom one from a ``file:`` / ``hf:`` spec."""
+def get_task(name: str, *, n_train: int = 256, n_test: int = 100, seed: int = 0, source: str | None = None) -> Task:
+    """A built-in task by name, or a custom one from a ``file:`` / ``hf:`` spec. Generated
+    tasks draw train and test items from disjoint phrasings (``tasks.generated``)."""
     if is_spec(name):
-        return load_custom(name, n_train=n_train, n_test=n_test, seed=seed)
+        return check_sql_rows(load_custom(name, n_train=n_train, n_test=n_test, seed=seed))
     if name in GENERATORS:
         make, metric, extra, max_new = GENERATORS[name]
-        rng = random.Random(f"{name}:{seed}")
-        train, test = unique_split(lambda: make(rng), n_train, n_test)
+        rng_train, rng_test = random.Random(f"{name}:{seed}:train"), random.Random(f"{name}:{seed}:test")
+        train, test = unique_split(lambda: make(rng_train, "train"), lambda: make(rng_test, "test"), n_train, n_test)
         return Task(name, metric, train, test, extra, max_new)
     if name in CONVERTERS:
         convert, metric, extra, max_new = CONVERTERS[name]
@@ -74,5 +75,5 @@ def get_task(name: str, *, n_train: int = 256, n_test: int = 64, seed: int = 0, 
         train = [s for s in train if s.prompt not in seen]
         if not train or not test:
             raise ValueError(f"task {name}: empty {'train' if not train else 'test'} split")
-        return Task(name, metric, train, test, extra, max_new)
+        return check_sql_rows(Task(name, metric, train, test, extra, max_new))
     raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")

@@ -44,18 +44,29 @@ class Task:
         return out
 
 
-def unique_split(make: Callable[[], Sample], n_train: int, n_test: int, max_tries: int = 100) -> tuple[list, list]:
-    """Draw samples until ``n_train + n_test`` distinct prompts exist; the first
-    ``n_test`` go to test. Prompts never repeat, so train and test cannot overlap."""
-    seen, out = set(), []
-    tries = 0
-    while len(out) < n_train + n_test:
-        s = make()
-        if s.prompt in seen:
-            tries += 1
-            if tries > max_tries * (n_train + n_test):
-                raise ValueError(f"generator ran out of distinct prompts after {len(out)}")
-            continue
-        seen.add(s.prompt)
-        out.append(s)
-    return out[n_test:], out[:n_test]
+def unique_split(
+    make_train: Callable[[], Sample],
+    make_test: Callable[[], Sample],
+    n_train: int,
+    n_test: int,
+    max_tries: int = 100,
+) -> tuple[list, list]:
+    """``n_test`` distinct test prompts from ``make_test``, then ``n_train`` distinct train
+    prompts from ``make_train`` that are not test prompts: train and test cannot overlap."""
+    seen: set[str] = set()
+
+    def draw(make: Callable[[], Sample], n: int, what: str) -> list[Sample]:
+        out, tries = [], 0
+        while len(out) < n:
+            s = make()
+            if s.prompt in seen:
+                tries += 1
+                if tries > max_tries * (n_train + n_test):
+                    raise ValueError(f"generator ran out of distinct {what} prompts after {len(out)}")
+                continue
+            seen.add(s.prompt)
+            out.append(s)
+        return out
+
+    test = draw(make_test, n_test, "test")
+    return draw(make_train, n_train, "train"), test

@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from .base import Sample
 
-__all__ = ["METRICS", "final_number", "sql_results"]
+__all__ = ["METRICS", "EmptySchemaError", "check_sql_rows", "final_number", "setup_rows", "sql_results"]
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -78,6 +78,41 @@ def sql_results(query: str, setup: str, max_steps: int = 200_000) -> list[tuple]
         con.close()
 
 
+class EmptySchemaError(ValueError):
+    """sql_execution asked to compare query results on tables that hold no rows."""
+
+
+@lru_cache(maxsize=4096)
+def setup_rows(setup: str) -> int | None:
+    """Rows in all tables after running ``setup`` (None when it fails to run)."""
+    con = sqlite3.connect(":memory:")
+    try:
+        con.executescript(setup)
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return sum(con.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables)
+    except (sqlite3.Error, sqlite3.Warning, ValueError):
+        return None
+    finally:
+        con.close()
+
+
+def check_sql_rows(task):
+    """A task scored by ``sql_execution`` (headline or extra metric) must have rows in the
+    tables of every item, or any two queries that both run would "match" on empty results.
+    Returns the task; raises EmptySchemaError naming the task and the first bad item."""
+    if "sql_execution" not in (task.metric, *task.extra_metrics):
+        return task
+    for split, samples in (("test", task.test), ("train", task.train)):
+        for i, s in enumerate(samples):
+            if not setup_rows(s.meta.get("setup", "")):
+                raise EmptySchemaError(
+                    f"task {task.name}: metric sql_execution needs rows to compare query results, but the schema of "
+                    f"{split} item {i} holds none (CREATE statements only?); add INSERT statements to the schema or "
+                    "score with sql_exact"
+                )
+    return task
+
+
 def _rows_equal(a: list[tuple], b: list[tuple], ordered: bool) -> bool:
     def norm(rows):
         return [tuple(round(v, 6) if isinstance(v, float) else v for v in r) for r in rows]
@@ -90,6 +125,8 @@ def sql_execution(pred: str, s: Sample) -> float:
     """Both queries run on the sample's generated rows and return the same result (as a
     multiset, or as a list when the reference orders its rows)."""
     setup = s.meta["setup"]
+    if not setup_rows(setup):  # never compare results on empty tables (check_sql_rows names the task)
+        raise EmptySchemaError(f"sql_execution: the schema holds no rows to run queries on: {setup[:80]!r}")
     ref = sql_results(s.answer, setup)
     got = sql_results(_first_statement(pred), setup)
     if ref is None or got is None:

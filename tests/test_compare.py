@@ -1,0 +1,279 @@
+"""The comparison protocol without Flower: tuning grids, validation splits, single-task
+references, and the table's statistics and labels (synthetic results with known answers)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from fl_lota import codec
+from fl_lota.compare import ComparePlan, Comparison, TuneSpec, parse_grid, write_comparison
+from fl_lota.compare.table import mean_std, normalized, summarize
+from fl_lota.data import stream_order
+from fl_lota.fedclient import LocalNode
+from fl_lota.isolated import isolated_run, validation_task
+from fl_lota.runconfig import RunConfigError
+from fl_lota.tasks import get_task
+
+TINY = {
+    "model": "tiny",
+    "federation": "math,classify",
+    "num-server-rounds": 2,
+    "calibration-steps": 1,
+    "local-steps": 3,
+    "batch-size": 4,
+    "max-len": 64,
+    "n-train": 16,
+    "n-test": 4,
+    "bf16": False,
+    "device": "cpu",
+}
+
+
+def test_grid_and_tuning_spec_are_checked():
+    assert parse_grid("lota:mask_aware,ties fft:fedavg") == [("lota", ["mask_aware", "ties"]), ("fft", ["fedavg"])]
+    for bad, needle in [
+        ("lota", "method:merge"),
+        ("qlora:ties", "qlora"),
+        ("lota:median", "median"),
+        ("", "empty"),
+        ("lota:ties lota:fedavg", "twice"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            parse_grid(bad)
+    spec = TuneSpec.parse("lora.lr=1e-4,1e-3 lora.lora-rank=8,16 ties.ties-k=0.1,0.2 fft.lr=5e-5")
+    assert spec.candidates("lora") == [
+        {"lr": 1e-4, "lora-rank": 8},
+        {"lr": 1e-4, "lora-rank": 16},
+        {"lr": 1e-3, "lora-rank": 8},
+        {"lr": 1e-3, "lora-rank": 16},
+    ]
+    assert spec.candidates("lota") == [{}]  # not tuned: the configured values
+    assert spec.merge_candidates("ties") == [{"ties-k": 0.1}, {"ties-k": 0.2}]
+    for bad, needle in [
+        ("fft.lrr=1e-4", "lrr"),
+        ("fft.seed=1,2", "set by compare"),
+        ("ties.lr=1e-4", "ties takes"),
+        ("median.merge-lam=1", "neither a method"),
+        ("fft=1e-4", "method.key"),
+    ]:
+        with pytest.raises((ValueError, RunConfigError), match=needle):
+            TuneSpec.parse(bad)
+
+
+def test_validation_split_comes_out_of_train_and_never_touches_test():
+    task = get_task("math", n_train=64, n_test=10)
+    val = validation_task(task, 12, seed=0)
+    assert len(val.test) == 12 and len(val.train) == 52
+    assert {s.prompt for s in val.test} | {s.prompt for s in val.train} == {s.prompt for s in task.train}
+    assert not {s.prompt for s in val.test} & {s.prompt for s in val.train}
+    assert not {s.prompt for s in val.test} & {s.prompt for s in task.test}
+    assert [s.prompt for s in validation_task(task, 12, seed=0).test] == [s.prompt for s in val.test]
+    assert len(validation_task(task, 1000, seed=0).test) == 16  # at most a quarter of train
+    with pytest.raises(ValueError, match="too few"):
+        validation_task(get_task("math", n_train=3, n_test=2), 4, seed=0)
+
+
+def test_single_task_reference_is_the_clients_own_stream_trained_alone():
+    plan = ComparePlan(app=None, base=dict(TINY), grid=[("lota", ["mask_aware"])], seeds=[0], tune=None)
+    cfg = plan.config({"method": "lota"})
+    task = plan.tasks[1]
+    res = isolated_run(cfg, 1, task)
+    # round 1 reads exactly what federated client 1 reads, round 2 reads on
+    node = LocalNode(cfg, 1)
+    assert res.seen[0] == node.train(codec.encode(_empty()), server_round=1).seen
+    per_round = cfg.examples_per_round
+    assert res.seen[1] == stream_order(len(task.train), node.stream_seed, per_round, per_round)
+    assert res.passes == 2 * cfg.local_steps  # calibration counted inside round 1's budget
+    assert set(res.scores) == {"classify"} and 0.0 <= res.scores["classify"] <= 1.0
+    tv = codec.decode(res.payload)  # G over two rounds stays on the mask made in round 1
+    assert 0 < tv.nnz <= 0.1 * tv.numel + len(tv)
+
+
+def _empty():
+    from fl_lota.task_vector import SparseTaskVector
+
+    return SparseTaskVector()
+
+
+def test_tuning_picks_the_best_validation_mean_and_stores_every_unit(tmp_path, monkeypatch):
+    """The selection logic with scripted validation scores: the higher task-average wins,
+    the TIES candidates are scored on the winner's stored updates, and a second pass reuses
+    every stored unit instead of training again."""
+    from fl_lota.compare import runner
+
+    calls = []
+
+    def fake_unit(cfg, part, task, *, vector_path=None):
+        calls.append((cfg.method, cfg.sparse_lr, part))
+        good = cfg.sparse_lr == 1e-3
+        if vector_path is not None:
+            vector_path.parent.mkdir(parents=True, exist_ok=True)
+            vector_path.write_bytes(codec.encode(_empty()))
+        score = (0.8 if good else 0.3) if task.name == "math" else 0.5
+        return {"scores": {task.name: score}, "passes": 6, "examples": 24, "train_seconds": 1.0, "eval_seconds": 0.1}
+
+    def fake_merge(cfg, updates, weights, tasks, settings):
+        assert len(updates) == 2 and weights == [12.0, 12.0]
+        assert all(t.test is not t.train for t in tasks)
+        return {"m": {t.name: cfg.ties_k for t in tasks}}  # higher k scores higher
+
+    monkeypatch.setattr(runner, "_isolated_unit", fake_unit)
+    monkeypatch.setattr(runner, "score_merge", fake_merge)
+    spec = TuneSpec.parse("lota.sparse-lr=1e-4,1e-3 ties.ties-k=0.1,0.3")
+    plan = ComparePlan(app=None, base=dict(TINY), grid=[("lota", ["mask_aware", "ties"])], seeds=[0], tune=spec)
+    out = Comparison(plan, tmp_path, log=lambda s: None).tune()
+    assert out["methods"]["lota"] == {"sparse-lr": 1e-3}
+    assert out["merges"][("lota", "ties")] == {"ties-k": 0.3}
+    assert len(calls) == 4
+    again = Comparison(plan, tmp_path, log=lambda s: None).tune()
+    assert again == out and len(calls) == 4  # all reused
+    # a changed setting is a different unit: trained, not reused
+    plan2 = ComparePlan(
+        app=None, base=dict(TINY) | {"local-steps": 4}, grid=[("lota", ["mask_aware"])], seeds=[0], tune=spec
+    )
+    Comparison(plan2, tmp_path, log=lambda s: None).tune()
+    assert len(calls) == 8
+
+
+def _rows(scores: dict[str, float], up: int, down: int, ev: int, merge: str = "mask_aware") -> list[dict]:
+    def clients(rnd):
+        return [
+            {
+                "client": t,
+                "partition": i,
+                "message_bytes": up + i,
+                "downlink_bytes": 0 if rnd == 1 else down,
+                "fb_passes": 20,
+                "train_seconds": 5.0,
+            }
+            for i, t in enumerate(scores)
+        ]
+
+    eval_clients = [{"client": t, "downlink_bytes": ev} for t in scores]
+    return [
+        {"round": 1, "merge": merge, "clients": clients(1), "eval_clients": eval_clients, "scores": {}},
+        {"round": 2, "merge": merge, "clients": clients(2), "eval_clients": eval_clients, "scores": {merge: scores}},
+    ]
+
+
+def _results(tmp_path):
+    def fed(method, merge, by_seed):
+        return {
+            str(s): {"rows": _rows(sc, *b, merge=merge), "settings": {"sparse-lr": 1e-4}}
+            for s, (sc, b) in by_seed.items()
+        }
+
+    return {
+        "setup": {
+            "model": "tiny",
+            "federation": "math,sql",
+            "clients": 2,
+            "tasks": ["math", "sql"],
+            "n_test": {"math": 100, "sql": 100},
+            "rounds": 2,
+            "local_steps": 20,
+            "calibration_steps": 10,
+            "batch_size": 8,
+            "examples_per_round": 160,
+            "seeds": [0, 1],
+            "val_size": 64,
+            "tuned": True,
+        },
+        "base": {"math": 0.1, "sql": 0.0},
+        "tuning": {"lota": {"chosen": {"sparse-lr": 1e-4}, "candidates": [], "merges": {}}},
+        "references": {
+            "lota": {
+                "0": {"scores": {"math": 0.5, "sql": 0.8}, "passes": {"math": 40}, "train_seconds": {"math": 9.0}},
+                "1": {"scores": {"math": 0.4, "sql": 1.0}, "passes": {"math": 40}, "train_seconds": {"math": 9.0}},
+            },
+            "fft": {
+                "0": {"scores": {"math": 1.0, "sql": 0.0}, "passes": {"math": 40}, "train_seconds": {"math": 9.0}},
+                "1": {"scores": {"math": 1.0, "sql": 0.5}, "passes": {"math": 40}, "train_seconds": {"math": 9.0}},
+            },
+        },
+        "federations": {
+            "lota:mask_aware": fed(
+                "lota",
+                "mask_aware",
+                {
+                    0: ({"math": 0.5, "sql": 0.4}, (2_000_000, 6_000_000, 6_100_000)),
+                    1: ({"math": 0.2, "sql": 0.5}, (2_000_000, 6_000_000, 6_100_000)),
+                },
+            ),
+            "fft:fedavg": {
+                "0": {"rows": _rows({"math": 0.5, "sql": 0.2}, 9, 9, 9, merge="fedavg")},
+                "1": {"rows": None, "error": "failed"},
+            },
+        },
+    }
+
+
+def test_normalized_divides_by_the_same_methods_single_task_model_seed_by_seed(tmp_path):
+    results = _results(tmp_path)
+    s = summarize(results)
+    lota = s["lota:mask_aware"]
+    assert lota["scores"]["math"] == [0.5, 0.2]
+    # seed 0: (0.5/0.5 + 0.4/0.8) / 2 = 0.75; seed 1: (0.2/0.4 + 0.5/1.0) / 2 = 0.5
+    assert lota["normalized"]["mean"] == pytest.approx([0.75, 0.5])
+    m, sd, n = mean_std(lota["normalized"]["mean"])
+    assert (m, n) == (pytest.approx(0.625), 2) and sd == pytest.approx(math.sqrt(2 * 0.125**2))
+    fft = s["fft:fedavg"]
+    assert fft["failed"] == ["1"] and fft["normalized"]["mean"] == [0.5]  # sql's reference is 0: left out
+    assert normalized({"a": 0.3, "b": 0.2}, {"a": 0.6, "b": 0.0}) == {"a": 0.5, "mean": 0.5}
+    # bytes per client and round, both directions; round 1's empty downlink is not averaged in
+    assert lota["uplink_r1"] == [2_000_000, 2_000_001] * 2
+    assert lota["downlink_later"] == [6_000_000] * 4
+    assert lota["eval_downlink"] == [6_100_000] * 8
+    assert lota["passes"] == [40] * 4  # per client, whole run
+
+
+def test_comparison_table_carries_labels_budget_tuned_values_and_intervals(tmp_path):
+    md = write_comparison(tmp_path, _results(tmp_path)).read_text()
+    assert "**Budget**: every method trains 20 optimizer steps x batch 8 = 160 examples" in md
+    assert "LoTA's 10 calibration steps are part of its first round's 20" in md
+    assert "| base model | - | 0.100 | 0.000 | 0.050 |" in md
+    assert "| lota | sparse-lr=0.0001 | 0.450 ± 0.071 | 0.900 ± 0.141 |" in md
+    assert (
+        "| lota | mask_aware | sparse-lr=0.0001 | 0.350 ± 0.212 | 0.450 ± 0.071 | 0.400 ± 0.071 | 0.625 ± 0.177 |" in md
+    )
+    assert "(failed seeds: 1)" in md
+    assert "Left out of `normalized` where a single-task model scored 0: sql" in md
+    assert "| lota | mask_aware | 2 | sql | 2.00 | 6.00 | 6.10 |" in md
+    assert "validation split of 64 examples held out of each task's training split (never the test split)" in md
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data["summary"]["lota:mask_aware"]["normalized"]["mean"] == pytest.approx([0.75, 0.5])
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_a_task_at_the_ceiling_is_named(tmp_path):
+    results = _results(tmp_path)
+    for by_seed in results["references"].values():
+        for v in by_seed.values():
+            v["scores"]["math"] = 1.0
+    assert (
+        "**At the ceiling** (every method's single-task model scores 1.000): math."
+        in write_comparison(tmp_path, results).read_text()
+    )
+
+
+def test_a_federation_of_task_files_is_planned_like_any_other(tmp_path):
+    rows = [{"q": f"What is {i} plus {i + 1}?", "a": f"{2 * i + 1}"} for i in range(40)]
+    path = tmp_path / "adder.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = dict(TINY) | {"federation": f"classify,file:{path}?prompt=q&answer=a&metric=exact_number"}
+    plan = ComparePlan(
+        app=None, base=base, grid=[("lota", ["mask_aware"])], seeds=[0, 1], tune=TuneSpec.parse("lota.sparse-lr=1e-4")
+    )
+    assert [t.name for t in plan.tasks] == ["classify", "adder"] and plan.partitions == [0, 1]
+    val = plan.val_tasks()[1]
+    assert not {s.prompt for s in val.test} & {s.prompt for s in plan.tasks[1].test}
+    text = plan.describe()
+    assert "tuning lota: sparse-lr [0.0001]: 1 x 2 single-task runs" in text
+    assert "single-task references: 1 methods x 2 seeds x 2 tasks = 4 runs" in text
+    assert "federations: lota+mask_aware x 2 seeds = 2 flwr runs" in text
+    counts = plan.counts()
+    # 2 tuning + 4 reference runs of 2 x 3 steps, and 2 federations of 2 clients x 2 x 3 steps
+    assert counts["passes"] == (2 + 4) * 6 + 2 * 2 * 6
