@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 from fl_lota.fedclient import LocalNode
 from fl_lota.runconfig import RunConfig
 
-from .wire import ARRAYS, CONFIG, METRICS, PAYLOAD, SEEN, STATE, fltv_array, payloads
+from .wire import ARRAYS, CONFIG, METRICS, PAYLOAD, STATE, fltv_array, payloads
 
 app = ClientApp()
 
@@ -49,8 +49,7 @@ def train(msg: Message, context: Context) -> Message:
     if out.mask_payload is not None:  # keep the mask for the values-only rounds
         context.state[STATE] = ArrayRecord({PAYLOAD: fltv_array(out.mask_payload)})
         node.save_mask(run_tag, out.mask_payload)
-    metrics = MetricRecord(out.metrics | {SEEN: out.seen})  # the examples trained on, for the record
-    content = RecordDict({ARRAYS: ArrayRecord({PAYLOAD: fltv_array(out.payload)}), METRICS: metrics})
+    content = RecordDict({ARRAYS: ArrayRecord({PAYLOAD: fltv_array(out.payload)}), METRICS: MetricRecord(out.metrics)})
     return Message(content=content, reply_to=msg)
 
 

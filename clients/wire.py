@@ -15,7 +15,6 @@ __all__ = [
     "CONFIG",
     "METRICS",
     "PAYLOAD",
-    "SEEN",
     "STATE",
     "STYPE",
     "content_bytes",
@@ -24,7 +23,6 @@ __all__ = [
 ]
 
 ARRAYS, CONFIG, METRICS, STATE = "arrays", "config", "metrics", "fl-lota"
-SEEN = "examples-seen"  # metric: the indices of the training examples a client used this round
 PAYLOAD = "fltv"
 STYPE = "fl_lota/fltv"
 

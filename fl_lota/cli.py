@@ -121,9 +121,12 @@ def cmd_compare(args) -> int:
     base = effective_config(app, args.conf, sets)
     tune = None if args.no_tune else TuneSpec.parse(args.tune)
     if tune is not None:  # every candidate must be a valid run config, checked before anything runs
-        for method, _ in grid:
+        for method, merges in grid:
             for cand in tune.candidates(method):
                 RunConfig.from_run_config(base | cand | {"method": method})
+            for merge in merges:
+                for cand in tune.merge_candidates(merge):
+                    RunConfig.from_run_config(base | cand | {"method": method, "merge": merge})
     plan = ComparePlan(
         app=app,
         base=base,

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "DataStream", "Example", "batch_iterator", "collate", "stream_order"]
+__all__ = ["IGNORE_INDEX", "DataStream", "Example", "batch_iterator", "client_stream_seed", "collate", "stream_order"]
 
 IGNORE_INDEX = -100
 
@@ -59,6 +59,12 @@ def collate(examples: Sequence[Example], pad_id: int, max_len: int | None = None
 def _epoch_seed(seed: int | str, epoch: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def client_stream_seed(seed: int, partition: int) -> str:
+    """The seed of federated client ``partition``'s example stream in a run seeded ``seed``:
+    ``stream_order(n, client_stream_seed(seed, p), start, count)`` lists the examples it used."""
+    return f"{seed}:p{partition}"
 
 
 @lru_cache(maxsize=4)

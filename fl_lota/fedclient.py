@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import codec
+from .data import client_stream_seed
 from .evaluate import evaluate
 from .methods import finetune
 from .models import load
@@ -130,7 +131,7 @@ class LocalNode:
     @property
     def stream_seed(self) -> str:
         """Seed of this client's example stream: the run's seed and the partition."""
-        return f"{self.cfg.seed}:p{self.partition_id}"
+        return client_stream_seed(self.cfg.seed, self.partition_id)
 
     def train(
         self,

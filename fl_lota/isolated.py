@@ -7,7 +7,10 @@ round loop with one client and no merge: each round the client trains from ``bas
 its example stream (``LocalNode.train``), its upload is decoded as the server decodes it
 (mask registration, values-only rounds, LoRA factors, clipping) and added to its own ``G``.
 Budget, data order, optimizer resets between rounds and the wire's value quantization are
-those of the federation; only the other clients are missing.
+those of the federation; only the other clients are missing. (In a federation of one task
+per client, the reference of task ``i`` reads exactly client ``i``'s example stream; in a
+mixed federation no client holds a whole task, and the reference trains on the task's
+whole training split with a stream of its own.)
 
 The same loop on a validation split carved from train (``validation_task``) scores the
 hyperparameter candidates of ``fl_lota.compare``; ``score_merge`` scores a one-shot merge of

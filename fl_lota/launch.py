@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ __all__ = [
     "launch",
     "run_status",
     "stop_local_superlink",
+    "stop_run",
     "toml_overrides",
 ]
 
@@ -130,9 +131,11 @@ def launch(
     flwr_home: str | Path | None = None,
     timeout: float = 24 * 3600,
     echo: bool = True,
+    on_start: Callable[[str], None] | None = None,
 ) -> RunOutcome:
     """``flwr run app --stream`` with ``config_file`` and then ``run_config`` as overrides;
-    waits for the run to finish and returns its outcome, or raises ``RunFailed``."""
+    waits for the run to finish and returns its outcome, or raises ``RunFailed``.
+    ``on_start(run_id)`` is called as soon as the SuperLink has accepted the run."""
     app = Path(app)
     if not (app / "pyproject.toml").is_file():
         raise FileNotFoundError(f"no Flower app at {app} (expected {app / 'pyproject.toml'})")
@@ -161,10 +164,14 @@ def launch(
         ) as proc:
             assert proc.stdout is not None
             try:
+                started = False
                 for line in proc.stdout:
                     lines.append(line)
                     if echo:
                         sys.stdout.write(line)
+                    if on_start is not None and not started and (run_id := _run_id([line])) is not None:
+                        started = True
+                        on_start(run_id)
                     if time.perf_counter() - t0 > timeout:
                         proc.kill()
                         _stop(_run_id(lines), env)
@@ -198,6 +205,18 @@ def launch(
 def _run_id(lines: list[str]) -> str | None:
     m = re.search(r"Successfully started run (\d+)", "".join(lines))
     return m.group(1) if m else None
+
+
+def stop_run(run_id: str, flwr_home: str | Path | None = None) -> None:
+    """Ask the SuperLink of ``flwr_home`` to stop run ``run_id`` if it is still going (a
+    driver killed hard leaves its run running in the background)."""
+    env = _env(flwr_home)
+    try:
+        status = run_status(run_id, env)
+    except RunFailed:
+        status = None
+    if status is not None and not str(status.get("status", "")).startswith("finished"):
+        _stop(run_id, env)
 
 
 def _stop(run_id: str | None, env: dict[str, str]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tasks import Sample, Task, check_task, get_task
+from .tasks import Sample, Task, check_task, get_task, task_label
 
 __all__ = ["ClientData", "FederationSpec", "client_data"]
 
@@ -34,6 +34,13 @@ class FederationSpec:
                 check_task(t)
             except ValueError as e:
                 raise ValueError(f"in federation {text!r}: {e}") from None
+        labels: dict[str, str] = {}
+        for t in tasks:  # reports and references key tasks by name: one name, one task
+            if labels.setdefault(task_label(t), t) != t:
+                raise ValueError(
+                    f"in federation {text!r}: two different tasks are both named {task_label(t)!r}; "
+                    "give each file: or hf: spec its own name=..."
+                )
         opts = {}
         for p in parts[1:]:
             key, sep, val = p.partition("=")

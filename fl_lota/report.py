@@ -2,7 +2,7 @@
 
 ``write_run_report``: summary.md (a row per round: bytes and scores), scores.png (per-task
 score of the global model per round) and bytes.png (cumulative bytes per round). The
-comparison over runs (``fl-lota compare``) is ``fl_lota.compare_table``.
+comparison over runs (``fl-lota compare``) is ``fl_lota.compare.table``.
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ from .train import TrainConfig
 
 __all__ = ["KEYS", "RESUME_MAY_CHANGE", "RunConfig", "RunConfigError"]
 
-# what a run resumed from a checkpoint may change; any other difference is refused
-RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout")
+# what a run resumed from a checkpoint may change (more rounds, another timeout, and where
+# its folders now are: a moved results folder resumes); any other difference is refused
+RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout", "results_dir", "client_state_dir")
 
 
 class RunConfigError(ValueError):

@@ -68,6 +68,11 @@ def main(grid: Grid, context: Context) -> None:
     book = RoundBook(cfg, out)
     strategy = LotaFedAvg(cfg, book, num_clients=num_clients, shapes=param_shapes(cfg.model))
     first = 1
+    if ckpt is not None and ckpt.round > cfg.num_server_rounds:
+        raise ValueError(
+            f"{out} holds a run of {ckpt.round} rounds, more than num-server-rounds={cfg.num_server_rounds}; "
+            "choose another results-dir (or as many rounds)"
+        )
     if ckpt is not None:
         t0 = time.perf_counter()
         strategy.restore(ckpt)

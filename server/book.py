@@ -9,7 +9,8 @@ sent as dense float32) and ``index_entropy_bytes`` (the masks' entropy bound).
 
 Per client (``clients``, one entry per training reply): the bytes of its reply and of the
 training instruction it received, its payload, the forward/backward passes it spent and the
-examples it trained on (``examples``: stream positions and the example indices, in order).
+examples it trained on (``examples_seen``: the stream positions it reported and the example
+indices they stand for, in order: ``fl_lota.data.stream_order`` of its seeded stream).
 ``eval_clients``: per client, the bytes of the evaluation instruction it received.
 
 Scores: ``scores[merge][task]`` from federated evaluation on the clients' test splits.
@@ -28,6 +29,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from fl_lota.data import client_stream_seed, stream_order
 from fl_lota.fedserver import RoundMerge
 from fl_lota.runconfig import RunConfig
 from fl_lota.tasks import task_label
@@ -78,10 +80,9 @@ class RoundBook:
     def reject(self, node: int, reason: str) -> None:
         self.row["rejected"][str(node)] = reason
 
-    def upload(
-        self, node: int, message_bytes: int, array_bytes: int, m: dict[str, float], seen: list[int] | None = None
-    ) -> None:
+    def upload(self, node: int, message_bytes: int, array_bytes: int, m: dict[str, float]) -> None:
         pid = int(m.get("partition-id", -1))
+        start, end = int(m.get("stream-start", 0)), int(m.get("stream-end", 0))
         self.row["clients"].append(
             {
                 "node": str(node),
@@ -99,10 +100,10 @@ class RoundBook:
                 "fb_passes": int(m.get("fb-passes", 0)),
                 "train_examples": int(m.get("train-examples", 0)),
                 "examples_seen": {
-                    "stream_start": int(m.get("stream-start", 0)),
-                    "stream_end": int(m.get("stream-end", 0)),
+                    "stream_start": start,
+                    "stream_end": end,
                     "distinct": int(m.get("distinct-examples", 0)),
-                    "indices": list(seen or []),
+                    "indices": self._stream_indices(pid, int(m.get("num-examples", 0)), start, end),
                 },
                 "loss_first": m.get("loss-first"),
                 "loss_last": m.get("loss-last"),
@@ -113,6 +114,13 @@ class RoundBook:
                 "metrics": m,
             }
         )
+
+    def _stream_indices(self, partition: int, n: int, start: int, end: int) -> list[int]:
+        """The indices of the examples a client trained on: its stream positions, read
+        through its seeded example order (the client sends positions, not the list)."""
+        if n < 1 or partition < 0 or not 0 <= start <= end:
+            return []
+        return stream_order(n, client_stream_seed(self.cfg.seed, partition), start, end - start)
 
     def merged(self, result: RoundMerge, *, train_wall: float) -> None:
         cs = self.row["clients"]

@@ -20,7 +20,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from clients.wire import ARRAYS, METRICS, PAYLOAD, SEEN, content_bytes, fltv_array, payloads
+from clients.wire import ARRAYS, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
 from fl_lota.checkpoint import Checkpoint, save_checkpoint
 from fl_lota.fedserver import Aggregator, Upload
 from fl_lota.runconfig import RunConfig
@@ -128,14 +128,12 @@ class LotaFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             try:
                 payload = payloads(msg.content[ARRAYS])[""]
-                raw = dict(msg.content[METRICS])
-                seen = [int(i) for i in raw.pop(SEEN, [])]
-                metrics = {k: float(v) for k, v in raw.items()}
+                metrics = {k: float(v) for k, v in msg.content[METRICS].items()}
                 weight = metrics["num-examples"]
             except (KeyError, ValueError, TypeError) as e:
                 self.book.failure(node, f"malformed reply: {e!r}")
                 continue
-            self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), metrics, seen)
+            self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), metrics)
             pid = metrics.get("partition-id")
             key = f"p{int(pid)}" if pid is not None and pid >= 0 else None
             uploads.append(Upload(str(node), payload, weight, metrics, mask_key=key))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -222,6 +223,15 @@ def test_normalized_divides_by_the_same_methods_single_task_model_seed_by_seed(t
     assert (m, n) == (pytest.approx(0.625), 2) and sd == pytest.approx(math.sqrt(2 * 0.125**2))
     fft = s["fft:fedavg"]
     assert fft["failed"] == ["1"] and fft["normalized"]["mean"] == [0.5]  # sql's reference is 0: left out
+    # a seed whose last round lacks a task's score (a client failed to evaluate) is left out
+    # whole, with the reason, instead of averaging the tasks that remain
+    cut = _results(tmp_path)
+    rows = cut["federations"]["lota:mask_aware"]["1"]["rows"]
+    del rows[-1]["scores"]["mask_aware"]["sql"]
+    partial = summarize(cut)["lota:mask_aware"]
+    assert partial["seeds"] == ["0"] and partial["why"]["1"] == "no score for sql in round 2"
+    rows.pop()
+    assert summarize(cut)["lota:mask_aware"]["why"]["1"] == "ended after round 1 of 2"
     assert normalized({"a": 0.3, "b": 0.2}, {"a": 0.6, "b": 0.0}) == {"a": 0.5, "mean": 0.5}
     # bytes per client and round, both directions; round 1's empty downlink is not averaged in
     assert lota["uplink_r1"] == [2_000_000, 2_000_001] * 2
@@ -239,7 +249,8 @@ def test_comparison_table_carries_labels_budget_tuned_values_and_intervals(tmp_p
     assert (
         "| lota | mask_aware | sparse-lr=0.0001 | 0.350 ± 0.212 | 0.450 ± 0.071 | 0.400 ± 0.071 | 0.625 ± 0.177 |" in md
     )
-    assert "(failed seeds: 1)" in md
+    assert "left out: seed 1 (failed)" in md and "| fft | fedavg | lr=5e-05 |" not in md
+    assert "| 0.500 (n=1) |" in md  # fewer seeds than planned are shown, not hidden
     assert "Left out of `normalized` where a single-task model scored 0: sql" in md
     assert "| lota | mask_aware | 2 | sql | 2.00 | 6.00 | 6.10 |" in md
     assert "validation split of 64 examples held out of each task's training split (never the test split)" in md
@@ -277,3 +288,72 @@ def test_a_federation_of_task_files_is_planned_like_any_other(tmp_path):
     counts = plan.counts()
     # 2 tuning + 4 reference runs of 2 x 3 steps, and 2 federations of 2 clients x 2 x 3 steps
     assert counts["passes"] == (2 + 4) * 6 + 2 * 2 * 6
+
+
+def test_a_federation_folder_is_reused_resumed_or_moved_aside_never_mixed(tmp_path, monkeypatch):
+    """Comparison._federation with a stand-in for flwr run that writes what a run leaves."""
+    from fl_lota.compare import runner
+    from fl_lota.launch import RunOutcome
+
+    launched, stopped, said = [], [], []
+
+    def fake_launch(app, *, run_config, federation_config, flwr_home, on_start):
+        out = Path(run_config["results-dir"])
+        launched.append(run_config["lr"])
+        on_start("77")
+        (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+        rows = "".join(json.dumps({"round": r}) + "\n" for r in range(1, run_config["num-server-rounds"] + 1))
+        (out / "metrics.jsonl").write_text(rows)
+        return RunOutcome("77", "finished:completed", 1.0, "")
+
+    monkeypatch.setattr(runner, "launch", fake_launch)
+    monkeypatch.setattr(runner, "stop_run", lambda run_id, home: stopped.append(run_id))
+    plan = ComparePlan(app=None, base=dict(TINY), grid=[("fft", ["fedavg"])], seeds=[0], tune=None)
+    cmp = Comparison(plan, tmp_path, log=said.append)
+    folder = tmp_path / "runs" / "seed0" / "fft-fedavg"
+
+    def run(**sets):
+        return cmp._federation(folder, {"method": "fft", "merge": "fedavg", "results-dir": str(folder), **sets}, "x")
+
+    rows, _ = run(lr=1e-4)
+    assert len(rows) == 2 and launched == [1e-4]
+    assert json.loads((folder / "unit.json").read_text())["run_id"] == "77"
+    run(lr=1e-4)  # finished with these settings and data: reused
+    assert launched == [1e-4] and "stored run reused" in said[-1]
+    (folder / "launch.json").unlink()  # the driver was killed before it recorded the end
+    run(lr=1e-4)
+    assert stopped == ["77"] and launched == [1e-4, 1e-4] and any("resuming" in s for s in said)
+    run(lr=2e-4)  # other settings: the old run is kept aside, not resumed and not deleted
+    assert (tmp_path / "runs" / "seed0" / "fft-fedavg.stale-1" / "metrics.jsonl").is_file()
+    assert launched[-1] == 2e-4
+    rows, _ = run(lr=2e-4, **{"num-server-rounds": 1})  # fewer rounds than the folder holds
+    assert (tmp_path / "runs" / "seed0" / "fft-fedavg.stale-2").is_dir() and len(rows) == 1
+
+
+def test_generated_test_items_share_no_phrasing_with_train():
+    """With numbers, names and other fillers masked, no test item's wording is a train
+    item's wording (a shared template would show up here)."""
+    import re
+
+    from fl_lota.tasks import GENERATED
+    from fl_lota.tasks.generated import ITEMS, NAMES, PLACES, SQL_DOMAINS, TICKET_LABELS, WORDS
+
+    fillers = set(NAMES) | set(ITEMS) | set(PLACES) | set(WORDS) | set(TICKET_LABELS)
+    for domain in SQL_DOMAINS:
+        fillers |= {domain[0], domain[1], domain[2], *domain[3], *domain[5], *(c for c, _, _ in domain[4])}
+
+    def skeleton(text: str) -> str:
+        text = re.sub(r"\d+", "#", text)
+        for f in sorted(fillers, key=len, reverse=True):
+            text = text.replace(f, "_")
+        return text
+
+    for name in GENERATED:
+        if name == "classify":  # its question line is shared on purpose; compare the tickets
+            t = get_task(name, n_train=300, n_test=100)
+            train = {skeleton(s.prompt.split("\n")[0]) for s in t.train}
+            assert not {skeleton(s.prompt.split("\n")[0]) for s in t.test} & train
+            continue
+        t = get_task(name, n_train=300, n_test=100)
+        train = {skeleton(s.prompt) for s in t.train}
+        assert not {skeleton(s.prompt) for s in t.test} & train, name

@@ -86,7 +86,7 @@ def test_choices_column_and_sql_execution(tmp_path):
     task = get_task(f"file:{write(tmp_path / 'c.jsonl', rows)}?prompt=q&answer=gold&choices=opts&metric=choice")
     assert task.train[0].meta["choices"] == ["answer1", "answer2", "answer3"]
     schema = "CREATE TABLE t (x INT); INSERT INTO t VALUES (1), (2), (3);"
-    sql = [{"q": f"rows above {i}", "sql": f"SELECT x FROM t WHERE x > {i}", "schema": schema} for i in range(10)]
+    sql = [{"q": f"rows above {i}", "sql": f"SELECT x FROM t WHERE x > {i % 3}", "schema": schema} for i in range(10)]
     task = get_task(f"file:{write(tmp_path / 's.jsonl', sql)}?prompt=q&answer=sql&schema=schema&metric=sql_execution")
     s = task.test[0]
     assert task.score([s.answer.replace("x >", "t.x >")], [s])["score"] == 1.0

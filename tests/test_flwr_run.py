@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("flwr")
 
 from fl_lota.cli import main as cli_main
+from fl_lota.data import client_stream_seed, stream_order
 from fl_lota.launch import RunFailed, launch, stop_local_superlink
 from fl_lota.report import read_rows
 
@@ -46,6 +47,15 @@ def test_flwr_run_tiny_federation(flwr_home, tmp_path):
         assert r["downlink_bytes"] > 0 and r["eval_downlink_bytes"] > 0
         assert set(r["scores"]["mask_aware"]) == {"math", "classify"}
     r1, r2 = rows
+    # each round reads on through the client's example stream; the record lists the examples
+    per_round = 3 * 4  # local-steps x batch-size of tiny.toml
+    for c1, c2 in zip(*(sorted(r["clients"], key=lambda c: c["partition"]) for r in rows), strict=True):
+        s1, s2 = c1["examples_seen"], c2["examples_seen"]
+        assert (s1["stream_start"], s1["stream_end"], s2["stream_start"]) == (0, per_round, per_round)
+        assert s1["indices"] == stream_order(16, client_stream_seed(0, c1["partition"]), 0, per_round)
+        assert s2["indices"] == stream_order(16, client_stream_seed(0, c2["partition"]), per_round, per_round)
+        assert set(s1["indices"]) | set(s2["indices"]) == set(range(16))
+        assert c1["fb_passes"] == c2["fb_passes"] == 3  # LoTA's calibration step is part of round 1's 3
     assert not any(c["values_only"] for c in r1["clients"])
     assert all(c["values_only"] for c in r2["clients"])
     size1 = {c["partition"]: c["payload_bytes"] for c in r1["clients"]}

@@ -73,3 +73,11 @@ def test_cli_refuses_a_bad_config_before_starting(capsys, tmp_path):
     assert "sparsity" in capsys.readouterr().err
     assert main(["compare", "--grid", "lota:nope"]) == 2
     assert main(["run", "--app", str(tmp_path / "missing")]) == 2
+    capsys.readouterr()
+    # every tuning candidate, merges' too, is checked before the first run
+    assert main(["compare", "--grid", "lota:ties", "--tune", "ties.ties-k=0.2,0", "--plan-only"]) == 2
+    assert "ties-k" in capsys.readouterr().err
+    assert main(["compare", "--grid", "fft:fedavg", "--tune", "fft.lr=1e-4,-1", "--plan-only"]) == 2
+    assert "'lr'" in capsys.readouterr().err
+    assert main(["compare", "--set", "seed=3", "--plan-only"]) == 2  # compare sets the seeds itself
+    assert "seed" in capsys.readouterr().err

@@ -77,7 +77,19 @@ def test_sql_execution_never_compares_results_on_empty_tables(tmp_path):
     ]
     path = tmp_path / "empty.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(EmptySchemaError, match="task empty: metric sql_execution needs rows"):
+    with pytest.raises(EmptySchemaError, match=r"task empty: metric sql_execution .* leaves table\(s\) t without rows"):
+        get_task(f"file:{path}?prompt=q&answer=sql&schema=schema&metric=sql_execution")
+    # one table with rows does not cover another left empty
+    two = "CREATE TABLE a (x INT); INSERT INTO a VALUES (1); CREATE TABLE b (y INT);"
+    path.write_text("".join(json.dumps(r | {"schema": two, "sql": "SELECT x FROM a"}) + "\n" for r in rows))
+    with pytest.raises(EmptySchemaError, match=r"leaves table\(s\) b without rows"):
+        get_task(f"file:{path}?prompt=q&answer=sql&schema=schema&metric=sql_execution")
+    # a reference that returns nothing would match every query that returns nothing
+    full = "CREATE TABLE t (x INT); INSERT INTO t VALUES (1);"
+    path.write_text(
+        "".join(json.dumps(r | {"schema": full, "sql": "SELECT x FROM t WHERE x > 5"}) + "\n" for r in rows)
+    )
+    with pytest.raises(EmptySchemaError, match="returns no rows"):
         get_task(f"file:{path}?prompt=q&answer=sql&schema=schema&metric=sql_execution")
     bare = Sample("", "SELECT x FROM t", {"setup": "CREATE TABLE t (x INT);"})
     with pytest.raises(EmptySchemaError, match="no rows"):

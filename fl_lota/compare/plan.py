@@ -3,7 +3,9 @@ the tasks, and the counts and time estimate printed before anything runs."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 import statistics
 import time
@@ -140,7 +142,10 @@ def slug(text: str) -> str:
 
 
 def setting_slug(setting: Mapping[str, object]) -> str:
-    return slug(",".join(f"{k}={v}" for k, v in setting.items()) or "configured")
+    """A folder name for a candidate: readable, and unique (a digest of the full setting)."""
+    text = ",".join(f"{k}={v}" for k, v in setting.items()) or "configured"
+    digest = hashlib.blake2b(json.dumps(setting, sort_keys=True).encode(), digest_size=4).hexdigest()
+    return f"{slug(text)[:60]}-{digest}"
 
 
 @dataclass
@@ -167,6 +172,9 @@ class ComparePlan:
             seen.add(task_label(t))
             self.tasks.append(get_task(t, n_train=self.cfg.n_train, n_test=self.cfg.n_test, seed=self.cfg.data_seed))
         self.partitions = [spec.tasks.index(t) for t in dict.fromkeys(spec.tasks)]
+        # one task per client: a reference reads its client's example stream; in a mixed
+        # federation no client holds a whole task, so references train on the task's data
+        self.mixed = spec.alpha is not None
 
     # ---- run configs ----------------------------------------------------------------
 

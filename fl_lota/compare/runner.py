@@ -19,9 +19,9 @@ from pathlib import Path
 
 from .. import codec
 from ..isolated import isolated_run, score_merge, score_models
-from ..launch import RunFailed, launch
+from ..launch import RunFailed, launch, stop_run
 from ..report import read_rows
-from ..runconfig import RunConfig
+from ..runconfig import RESUME_MAY_CHANGE, RunConfig
 from ..task_vector import SparseTaskVector
 from ..tasks import Task
 from .plan import RESERVED, ComparePlan, probe_speed, setting_slug, slug
@@ -115,6 +115,7 @@ class Comparison:
             "seeds": p.seeds,
             "val_size": p.val_size if p.tune else None,
             "tuned": bool(p.tune),
+            "mixed": p.mixed,
             "grid": [[m, gs] for m, gs in p.grid],
             "base_config": p.base,
         }
@@ -167,7 +168,7 @@ class Comparison:
                         f"{res['scores'].get(task.name, 0):.3f}{_took(res, reused)}"
                     )
                 rows.append({"setting": cand, "val": scores, "mean": _mean(scores.values()), "passes": passes})
-            best = max(rows, key=lambda r: r["mean"])  # the first of equals: grids list the default first
+            best = self._best(rows, {"method": method})
             chosen[method] = dict(best["setting"])
             entry: dict = {"candidates": rows, "chosen": chosen[method], "merges": {}}
             for merge in merges:
@@ -179,6 +180,20 @@ class Comparison:
             self.results["tuning"][method] = entry
             self._say(f"tuned {method}: {_setting_text(chosen[method])}")
         return {"methods": chosen, "merges": merge_chosen}
+
+    def _best(self, rows: list[dict], context: Mapping[str, object]) -> dict:
+        """The candidate with the best validation mean. Among equals (64 items score in steps
+        of 1/64, so ties happen), the configured value wins, else the first listed; every
+        tied candidate is marked ``tied`` for the table."""
+        top = max(r["mean"] for r in rows)
+        tied = [r for r in rows if r["mean"] == top]
+        for r in tied:
+            r["tied"] = len(tied) > 1
+        configured = self.plan.config(context)
+        for r in tied:
+            if self.plan.config(dict(context) | dict(r["setting"])) == configured:
+                return r
+        return tied[0]
 
     def _single(self, path: Path, cfg: RunConfig, part: int, task: Task, *, keep: bool) -> tuple[dict, bool]:
         """One single-task run (stored at ``path``); ``keep``: also store its update beside
@@ -214,7 +229,7 @@ class Comparison:
             rows.append({"setting": cand, "val": res["scores"], "mean": _mean(res["scores"].values())})
             took = " (stored)" if reused else f" ({time.perf_counter() - t0:.0f} s)"
             self._say(f"tune {method}+{merge} {setting_slug(cand)}: validation mean {rows[-1]['mean']:.3f}{took}")
-        best = max(rows, key=lambda r: r["mean"])
+        best = self._best(rows, {"method": method, "merge": merge} | setting)
         return {"candidates": rows, "chosen": dict(best["setting"])}
 
     # ---- 2. single-task references --------------------------------------------------
@@ -275,24 +290,31 @@ class Comparison:
     def _federation(self, folder: Path, sets: dict, label: str) -> tuple[list[dict], float]:
         """One federation in ``folder``: reused when it completed with these settings and
         data, resumed from its checkpoint when it stopped part-way; a folder made with other
-        settings or data is moved aside (``<folder>.stale-N``), never reused or deleted."""
+        settings, other data or more rounds is moved aside (``<folder>.stale-N``), never
+        reused or deleted."""
         p = self.plan
         cfg = p.config(sets)
-        unit = {"config": json.loads(json.dumps(asdict(cfg))), "tasks": [task_fingerprint(t) for t in p.tasks]}
+        unit = {"config": _settings(cfg), "tasks": [task_fingerprint(t) for t in p.tasks]}
         done, marker = folder / "launch.json", folder / "unit.json"
         if folder.exists():
             stored = json.loads(marker.read_text()) if marker.is_file() else {}
-            same = stored.get("tasks") == unit["tasks"] and cfg.resumable() == {
-                k: v for k, v in stored.get("config", {}).items() if k in cfg.resumable()
-            }
+            if stored.get("run_id") and not done.is_file():  # a driver killed hard: stop its run first
+                stop_run(stored["run_id"], p.flwr_home)
+            rows = read_rows(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
+            resumable = {k: v for k, v in unit["config"].items() if k not in RESUME_MAY_CHANGE}
+            same = (
+                stored.get("tasks") == unit["tasks"]
+                and {k: v for k, v in stored.get("config", {}).items() if k not in RESUME_MAY_CHANGE} == resumable
+                and all(r["round"] <= cfg.num_server_rounds for r in rows)
+            )
             info = json.loads(done.read_text()) if done.is_file() else {}
             if same and stored.get("config") == unit["config"] and info.get("status") == "finished:completed":
                 self._say(f"{label}: stored run reused ({folder})")
-                return read_rows(folder / "metrics.jsonl"), info["seconds"]
+                return rows, info["seconds"]
             if not same or not (folder / "checkpoint").is_dir():
-                if (folder / "metrics.jsonl").exists() or not same:
+                if rows or not same:
                     aside = _aside(folder)
-                    self._say(f"{label}: {folder} was made with other settings or data; moved to {aside}")
+                    self._say(f"{label}: {folder} was made with other settings, data or rounds; moved to {aside}")
                 else:
                     shutil.rmtree(folder)  # stopped before any round completed: nothing in it
             else:
@@ -300,9 +322,23 @@ class Comparison:
                 self._say(f"{label}: resuming from its checkpoint")
         _write_json(marker, unit)
         self._say(f"{label}: flwr run -> {folder}")
-        outcome = launch(p.app, run_config=p.base | sets, federation_config=p.federation_config, flwr_home=p.flwr_home)
+        outcome = launch(
+            p.app,
+            run_config=p.base | sets,
+            federation_config=p.federation_config,
+            flwr_home=p.flwr_home,
+            on_start=lambda run_id: _write_json(marker, unit | {"run_id": run_id}),
+        )
         _write_json(done, {"run_id": outcome.run_id, "status": outcome.status, "seconds": outcome.seconds})
         return read_rows(folder / "metrics.jsonl"), outcome.seconds
+
+
+def _settings(cfg: RunConfig) -> dict:
+    """A federation's settings as stored: its folders left out, so a comparison folder that
+    was moved still recognises its finished runs."""
+    return {
+        k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in ("results_dir", "client_state_dir")
+    }
 
 
 def _aside(folder: Path) -> Path:

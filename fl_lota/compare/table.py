@@ -29,20 +29,26 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return statistics.fmean(vals), sd, len(vals)
 
 
-def _ms(values: Iterable[float], digits: int = 3) -> str:
+def _ms(values: Iterable[float], digits: int = 3, expected: int | None = None) -> str:
+    """``mean ± std``; ``(n=k)`` added when fewer values than ``expected`` went in."""
     m, sd, n = mean_std(values)
     if n == 0:
         return "-"
-    return f"{m:.{digits}f}" if n == 1 or math.isnan(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}"
+    text = f"{m:.{digits}f}" if n == 1 or math.isnan(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}"
+    return text + (f" (n={n})" if expected is not None and n < expected else "")
 
 
-def last_scores(rows: Sequence[dict]) -> dict[str, float]:
-    """The run's own merge's per-task scores in its last evaluated round."""
-    for r in reversed(rows):
-        s = r.get("scores", {}).get(r.get("merge"))
-        if s:
-            return s
-    return {}
+def final_scores(rows: Sequence[dict], rounds: int, tasks: Sequence[str]) -> tuple[dict[str, float], str | None]:
+    """The run's own merge's per-task scores after its last round, or ({}, why not) when
+    the run did not reach round ``rounds`` or a task's score is missing (a client that
+    failed to evaluate): such a seed is left out of the means, never averaged in part."""
+    if not rows or rows[-1].get("round") != rounds:
+        return {}, f"ended after round {rows[-1].get('round') if rows else 0} of {rounds}"
+    scores = rows[-1].get("scores", {}).get(rows[-1].get("merge"), {})
+    missing = [t for t in tasks if t not in scores]
+    if missing:
+        return {}, f"no score for {', '.join(missing)} in round {rounds}"
+    return scores, None
 
 
 def normalized(merged: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
@@ -99,23 +105,25 @@ def _eval_down(stats: dict) -> list[float]:
 def summarize(results: Mapping) -> dict:
     """The figures the tables show, per (method, merge): lists over seeds."""
     setup = results["setup"]
-    rounds = setup["rounds"]
+    rounds, tasks = setup["rounds"], setup["tasks"]
     refs = results.get("references", {})
     out = {}
     for run, by_seed in results.get("federations", {}).items():
         method, merge = run.split(":")
         e: dict = {"method": method, "merge": merge, "seeds": [], "scores": {}, "normalized": {}, "failed": []}
+        e["why"] = {}
         ups1, ups2, downs2, evals, passes, secs = [], [], [], [], [], []
         for seed, fed in sorted(by_seed.items(), key=lambda kv: int(kv[0])):
-            if not fed.get("rows"):
+            scores, why = final_scores(fed.get("rows") or [], rounds, tasks)
+            if why is not None:
                 e["failed"].append(seed)
+                e["why"][seed] = fed.get("error") or why
                 continue
-            scores = last_scores(fed["rows"])
             e["seeds"].append(seed)
             e["settings"] = fed.get("settings", {})
             for t, v in scores.items():
                 e["scores"].setdefault(t, []).append(v)
-            e["scores"].setdefault("mean", []).append(sum(scores.values()) / len(scores) if scores else float("nan"))
+            e["scores"].setdefault("mean", []).append(sum(scores[t] for t in tasks) / len(tasks))
             ref = refs.get(method, {}).get(seed, {}).get("scores", {})
             for t, v in normalized(scores, ref).items():
                 e["normalized"].setdefault(t, []).append(v)
@@ -165,9 +173,15 @@ def tables(results: Mapping) -> str:
         f"**Budget**: every method trains {setup['local_steps']} optimizer steps x batch {setup['batch_size']} = "
         f"{setup['examples_per_round']} examples (one forward and backward pass each) per client and round; LoTA's "
         f"{setup['calibration_steps']} calibration steps are part of its first round's "
-        f"{setup['local_steps']}. Single-task references get the same "
-        f"{setup['rounds']} x {setup['local_steps']} steps on the same example stream. `fb passes` counts the "
-        "batches each model went through forward and backward (calibration included); `train s` the seconds.",
+        f"{setup['local_steps']}. Single-task references get the same {setup['rounds']} x {setup['local_steps']} "
+        + (
+            "steps on each task's whole training split (this federation mixes tasks over clients, so no client "
+            "holds a task alone). "
+            if setup.get("mixed")
+            else "steps on the same example stream as the task's client. "
+        )
+        + "`fb passes` counts the batches each model went through forward and backward (calibration included); "
+        "`train s` the seconds.",
         "",
     ]
     if setup.get("tuned"):
@@ -202,8 +216,8 @@ def tables(results: Mapping) -> str:
         chosen = tuning.get(method, {}).get("chosen", {})
         lines.append(
             f"| {method} | {_setting_text(chosen)} | "
-            + " | ".join(_ms(per_task[t]) for t in tasks)
-            + f" | {_ms(means)} | {_ms(passes, 0)} | {_ms(secs, 0)} |"
+            + " | ".join(_ms(per_task[t], expected=n_seeds) for t in tasks)
+            + f" | {_ms(means, expected=n_seeds)} | {_ms(passes, 0)} | {_ms(secs, 0)} |"
         )
     ceiling = [
         t for t in tasks if refs and all(min(by[s]["scores"].get(t, 0) for s in by) >= 1.0 for by in refs.values())
@@ -233,14 +247,14 @@ def tables(results: Mapping) -> str:
             continue
         settings = {k: v for k, v in e.get("settings", {}).items() if k in _tuned_keys(tuning, e["method"], e["merge"])}
         cells = [e["method"], e["merge"], _setting_text(settings)]
-        cells += [_ms(e["scores"].get(t, [])) for t in tasks]
-        cells += [_ms(e["scores"]["mean"]), _ms(e["normalized"].get("mean", []))]
+        cells += [_ms(e["scores"].get(t, []), expected=n_seeds) for t in tasks]
+        cells += [_ms(e["scores"]["mean"], expected=n_seeds), _ms(e["normalized"].get("mean", []), expected=n_seeds)]
         cells += [_ms(e["passes"], 0), _ms(e["train_seconds"], 0)]
         cells += [_mb_cell(e["uplink_r1"]), _mb_cell(e["uplink_later"]), _mb_cell(e["downlink_later"])]
         cells += [_mb_cell(e["eval_downlink"])]
         row = "| " + " | ".join(cells) + " |"
         if e["failed"]:
-            row += f" (failed seeds: {', '.join(e['failed'])})"
+            row += " left out: " + "; ".join(f"seed {s} ({e['why'][s]})" for s in e["failed"])
         lines.append(row)
 
     # normalized per task
@@ -253,7 +267,8 @@ def tables(results: Mapping) -> str:
     ]
     for e in summary.values():
         if e["seeds"]:
-            cells = [_ms(e["normalized"].get(t, [])) for t in tasks] + [_ms(e["normalized"].get("mean", []))]
+            cells = [_ms(e["normalized"].get(t, []), expected=n_seeds) for t in tasks]
+            cells += [_ms(e["normalized"].get("mean", []), expected=n_seeds)]
             lines.append(f"| {e['method']} | {e['merge']} | " + " | ".join(cells) + " |")
     zero = sorted({t for by in refs.values() for s in by for t, v in by[s]["scores"].items() if v <= 0})
     if zero:
@@ -319,13 +334,18 @@ def _tuning_tables(tuning: Mapping) -> list[str]:
         for merge, m in t.get("merges", {}).items():
             lines += [f"| {method} + {merge} | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 2)]
             for r in m["candidates"]:
-                name = _setting_text(r["setting"])
-                name = f"**{name}**" if r["setting"] == m.get("chosen") else name
+                name = _candidate(r, m.get("chosen"))
                 lines.append(
                     f"| {name} | " + " | ".join(f"{r['val'].get(k, 0):.3f}" for k in tasks) + f" | {r['mean']:.3f} |"
                 )
             lines.append("")
     return lines
+
+
+def _candidate(row: Mapping, chosen: Mapping | None) -> str:
+    name = _setting_text(row["setting"])
+    name = f"**{name}**" if row["setting"] == chosen else name
+    return name + (" (tied)" if row.get("tied") else "")
 
 
 def write_comparison(out: str | Path, results: Mapping) -> Path:

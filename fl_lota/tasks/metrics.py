@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from .base import Sample
 
-__all__ = ["METRICS", "EmptySchemaError", "check_sql_rows", "final_number", "setup_rows", "sql_results"]
+__all__ = ["METRICS", "EmptySchemaError", "check_sql_rows", "final_number", "empty_tables", "sql_results"]
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -83,13 +83,16 @@ class EmptySchemaError(ValueError):
 
 
 @lru_cache(maxsize=4096)
-def setup_rows(setup: str) -> int | None:
-    """Rows in all tables after running ``setup`` (None when it fails to run)."""
+def empty_tables(setup: str) -> tuple[str, ...] | None:
+    """The tables that hold no rows after running ``setup`` (all of them for CREATE-only
+    schemas); None when ``setup`` fails to run or creates no table."""
     con = sqlite3.connect(":memory:")
     try:
         con.executescript(setup)
         tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return sum(con.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] for t in tables)
+        if not tables:
+            return None
+        return tuple(t for t in tables if con.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0] == 0)
     except (sqlite3.Error, sqlite3.Warning, ValueError):
         return None
     finally:
@@ -97,18 +100,25 @@ def setup_rows(setup: str) -> int | None:
 
 
 def check_sql_rows(task):
-    """A task scored by ``sql_execution`` (headline or extra metric) must have rows in the
-    tables of every item, or any two queries that both run would "match" on empty results.
-    Returns the task; raises EmptySchemaError naming the task and the first bad item."""
+    """A task scored by ``sql_execution`` (headline or extra metric) must have rows in every
+    table of every item, and reference queries that return rows: on empty tables, or with
+    an empty reference result, any query that returns nothing would "match". Returns the
+    task; raises EmptySchemaError naming the task and the first bad item."""
     if "sql_execution" not in (task.metric, *task.extra_metrics):
         return task
     for split, samples in (("test", task.test), ("train", task.train)):
         for i, s in enumerate(samples):
-            if not setup_rows(s.meta.get("setup", "")):
+            empty = empty_tables(s.meta.get("setup", ""))
+            if empty is None or empty:
+                what = "creates no table" if empty is None else f"leaves table(s) {', '.join(empty)} without rows"
                 raise EmptySchemaError(
-                    f"task {task.name}: metric sql_execution needs rows to compare query results, but the schema of "
-                    f"{split} item {i} holds none (CREATE statements only?); add INSERT statements to the schema or "
-                    "score with sql_exact"
+                    f"task {task.name}: metric sql_execution compares query results on rows, but the schema of "
+                    f"{split} item {i} {what}; add INSERT statements to the schema or score with sql_exact"
+                )
+            if split == "test" and not sql_results(s.answer, s.meta["setup"]):
+                raise EmptySchemaError(
+                    f"task {task.name}: the reference query of test item {i} returns no rows ({s.answer[:60]!r}), "
+                    "so every query that returns nothing would match it; use metric sql_exact or other items"
                 )
     return task
 
@@ -125,8 +135,8 @@ def sql_execution(pred: str, s: Sample) -> float:
     """Both queries run on the sample's generated rows and return the same result (as a
     multiset, or as a list when the reference orders its rows)."""
     setup = s.meta["setup"]
-    if not setup_rows(setup):  # never compare results on empty tables (check_sql_rows names the task)
-        raise EmptySchemaError(f"sql_execution: the schema holds no rows to run queries on: {setup[:80]!r}")
+    if empty_tables(setup):  # never compare results on empty tables (check_sql_rows names the task)
+        raise EmptySchemaError(f"sql_execution: a table of the schema holds no rows: {setup[:80]!r}")
     ref = sql_results(s.answer, setup)
     got = sql_results(_first_statement(pred), setup)
     if ref is None or got is None:
