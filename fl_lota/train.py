@@ -77,6 +77,7 @@ def train(
     masks: Mapping[str, torch.Tensor] | None = None,
     steps: int | None = None,
     desc: str = "train",
+    progress: bool = True,
 ) -> TrainStats:
     """Train ``params`` (name -> parameter) for ``steps`` (default ``cfg.steps``) optimizer
     steps; every other parameter is frozen for the duration (requires_grad restored after).
@@ -100,7 +101,7 @@ def train(
     was_training = model.training
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, leave=False, disable=steps < 2)
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=steps < 2 or not progress)
     try:
         for _ in range(steps):
             ts = time.perf_counter()

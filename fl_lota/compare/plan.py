@@ -271,9 +271,9 @@ class ComparePlan:
         )
 
 
-def probe_speed(plan: ComparePlan, steps: int = 3, items: int = 4) -> dict[str, float]:
+def probe_speed(plan: ComparePlan, steps: int = 3, items: int = 16) -> dict[str, float]:
     """Seconds per training step and per generated answer of this model on this machine:
-    a few FFT steps on the first task, a few generations per task (the base weights are
+    a few FFT steps on the first task, one evaluation batch per task (the base weights are
     put back afterwards)."""
     from ..data import DataStream
     from ..evaluate import evaluate
@@ -287,7 +287,7 @@ def probe_speed(plan: ComparePlan, steps: int = 3, items: int = 4) -> dict[str, 
     examples = to_examples(tok, plan.tasks[0].train)
     stream = DataStream(examples, cfg.batch_size, pad_id=tok.pad_token_id, max_len=cfg.max_len)
     try:
-        stats = train(model, scope_params(model), stream, cfg.train_config(), steps=steps)
+        stats = train(model, scope_params(model), stream, cfg.train_config(), steps=steps, progress=False)
         t0 = time.perf_counter()
         n = 0
         for t in plan.tasks:
