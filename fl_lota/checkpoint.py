@@ -5,15 +5,18 @@
         global.safetensors                      G, the cumulative merged update
         mask-<key>.safetensors                  each registered LoTA mask (with its values)
         state.json                              round, config, metrics rows, RNG state, mask keys
+        MANIFEST.json                           sha256 of each file above
 
 A round folder is written under a temporary name, every file fsynced, then renamed into
 place; LATEST is replaced the same way (temp file, fsync, ``os.replace``). A crash at any
-moment leaves either the previous checkpoint or the new one, never a mix. safetensors and
-JSON only, never pickle.
+moment leaves either the previous checkpoint or the new one, never a mix. Reading checks
+every file against the manifest: a changed byte is a ``CheckpointError`` naming the file,
+never a silent resume from other state. safetensors and JSON only, never pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -25,7 +28,22 @@ from safetensors import SafetensorError
 
 from .task_vector import SparseTaskVector
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+MANIFEST = "MANIFEST.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files do not match their recorded checksums (or lack them)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 _ROUND = re.compile(r"^round-(\d{4,})$")
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -96,6 +114,8 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint, *, keep: int = 1) -> P
         "extra": ckpt.extra,
     }
     (tmp / "state.json").write_text(json.dumps(state))
+    manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
@@ -115,12 +135,35 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint, *, keep: int = 1) -> P
     return final
 
 
+def _verify(round_dir: Path) -> None:
+    path = round_dir / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{round_dir}: no {MANIFEST}, so its files cannot be checked")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: not JSON") from None
+    for name in ("state.json", "global.safetensors"):
+        if name not in manifest:
+            raise CheckpointError(f"{path} lists no {name}")
+    for name, digest in manifest.items():
+        f = round_dir / name
+        if Path(name).name != name or not f.is_file():
+            raise CheckpointError(f"{round_dir}: {name!r} listed in its manifest is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f}: its sha256 differs from the manifest's: the file was changed or damaged")
+
+
 def _read(round_dir: Path) -> Checkpoint:
+    _verify(round_dir)
     state = json.loads((round_dir / "state.json").read_text())
+    manifest = json.loads((round_dir / MANIFEST).read_text())
     masks = {}
     for key in state["masks"]:
         if not _KEY.match(key):
             raise ValueError(f"{round_dir}: bad mask key {key!r}")
+        if f"mask-{key}.safetensors" not in manifest:
+            raise CheckpointError(f"{round_dir}: mask-{key}.safetensors is not in the manifest")
         masks[key] = SparseTaskVector.load(round_dir / f"mask-{key}.safetensors")
     return Checkpoint(
         round=int(state["round"]),
@@ -151,6 +194,8 @@ def load_checkpoint(folder: str | Path) -> Checkpoint | None:
     for c in candidates:
         try:
             return _read(c)
+        except CheckpointError:
+            raise  # changed bytes: say so, never resume from other state
         except (OSError, ValueError, KeyError, SafetensorError) as e:
             errors.append(f"{c.name}: {e}")
     if errors:

@@ -21,6 +21,7 @@ from pathlib import Path
 from .compare import DEFAULT_GRID, DEFAULT_TUNE, RESERVED, ComparePlan, TuneSpec, effective_config, parse_grid
 from .launch import RunFailed, launch
 from .partition import FederationSpec
+from .precheck import check_run
 from .runconfig import KEYS, RunConfig, RunConfigError
 
 __all__ = ["main", "parse_grid", "parse_sets"]
@@ -96,6 +97,7 @@ def cmd_run(args) -> int:
     app = Path(args.app)
     sets = parse_sets(args.set)
     cfg = _effective(app, args.conf, sets)
+    check_run(cfg)  # every task and the model, before Flower starts
     launch(
         app, config_file=args.conf, run_config=sets, federation_config=_federation(cfg, args), flwr_home=args.flwr_home
     )
@@ -119,6 +121,7 @@ def cmd_compare(args) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     base = effective_config(app, args.conf, sets)
+    check_run(RunConfig.from_run_config(base))  # every task and the model, before anything runs
     tune = None if args.no_tune else TuneSpec.parse(args.tune)
     if tune is not None:  # every candidate must be a valid run config, checked before anything runs
         for method, merges in grid:

@@ -246,7 +246,7 @@ def peek(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None) 
         raise CodecError(f"payload of {len(data):,} bytes exceeds the limit of {max_bytes:,}")
     if len(data) < HEADER.size:
         raise CodecError(f"truncated payload: {len(data)} bytes, the header alone needs {HEADER.size}")
-    magic, version, mode, dcode, _res, fp, body_len, checksum = HEADER.unpack(data[: HEADER.size])
+    magic, version, mode, dcode, reserved, fp, body_len, checksum = HEADER.unpack(data[: HEADER.size])
     if magic != MAGIC:
         raise CodecError(f"not an FLTV payload (magic {bytes(magic)!r})")
     if version != VERSION:
@@ -260,6 +260,8 @@ def peek(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None) 
         raise CodecError("checksum mismatch: the payload was corrupted")
     if mode not in (MODE_FULL, MODE_VALUES_ONLY):
         raise CodecError(f"unknown mode {mode}")
+    if reserved != 0:
+        raise CodecError(f"reserved header byte is {reserved}, must be 0")
     if dcode not in _DTYPE_NAMES:
         raise CodecError(f"unknown value dtype code {dcode}")
     return Header(version, mode == MODE_VALUES_ONLY, _DTYPE_NAMES[dcode], bytes(fp), body_len)
@@ -281,17 +283,55 @@ class _Reader:
         return s.unpack(self.take(s.size, what))
 
     def stream(self, expected: int, what: str) -> bytes:
+        """One stream: its two lengths, then exactly one zstd frame that declares and holds
+        exactly ``expected`` bytes, and nothing after it. The declared size is checked
+        before anything is allocated, and decompression writes into a buffer of that size,
+        so no frame can expand past what the (already checked) tensor table implies."""
         raw_len, comp_len = self.unpack("<QQ", f"{what} stream header")
         if raw_len != expected:
             raise CodecError(f"{what} stream holds {raw_len:,} bytes, the tensor table implies {expected:,}")
-        comp = self.take(comp_len, f"{what} stream")
+        comp = bytes(self.take(comp_len, f"{what} stream"))
         try:
-            out = zstandard.ZstdDecompressor().decompress(bytes(comp), max_output_size=max(expected, 1))
+            declared = zstandard.frame_content_size(comp)
+        except zstandard.ZstdError as e:
+            raise CodecError(f"{what} stream is not a zstd frame: {e}") from None
+        if declared != expected:
+            said = "no size" if declared < 0 else f"{declared:,} bytes"
+            raise CodecError(f"{what} stream's zstd frame declares {said}, the tensor table implies {expected:,}")
+        length = _frame_length(comp, what)
+        if length != len(comp):
+            raise CodecError(f"{what} stream: {len(comp) - length:,} bytes after its zstd frame")
+        try:
+            out = zstandard.ZstdDecompressor().decompress(comp, max_output_size=max(expected, 1))
         except zstandard.ZstdError as e:
             raise CodecError(f"{what} stream does not decompress: {e}") from None
+        except MemoryError:
+            raise CodecError(f"{what} stream: out of memory for {expected:,} bytes") from None
         if len(out) != expected:
             raise CodecError(f"{what} stream decompressed to {len(out):,} bytes, expected {expected:,}")
         return out
+
+
+def _frame_length(comp: bytes, what: str) -> int:
+    """Bytes of the first zstd frame in ``comp``, from its block headers (3 bytes each:
+    last-block bit, type, size; raw and compressed blocks carry ``size`` bytes, RLE blocks
+    one), plus the 4-byte checksum when the frame has one."""
+    try:
+        pos = zstandard.frame_header_size(comp)
+        checksum = zstandard.get_frame_parameters(comp).has_checksum
+    except zstandard.ZstdError as e:
+        raise CodecError(f"{what} stream: bad zstd frame header: {e}") from None
+    while True:
+        if pos + 3 > len(comp):
+            raise CodecError(f"{what} stream: zstd frame truncated")
+        head = int.from_bytes(comp[pos : pos + 3], "little")
+        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+        if kind == 3:
+            raise CodecError(f"{what} stream: reserved zstd block type")
+        pos += 3 + (1 if kind == 1 else size)
+        if last:
+            break
+    return pos + (4 if checksum else 0)
 
 
 def decode(
@@ -300,12 +340,19 @@ def decode(
     mask: SparseTaskVector | Mapping[str, torch.Tensor] | None = None,
     max_bytes: int | None = None,
     max_entries: int = MAX_ENTRIES,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    max_abs: float | None = None,
 ) -> SparseTaskVector:
     """Parse an FLTV payload into a SparseTaskVector (float32 values). ``mask`` is required
-    for values-only payloads and must be the one they were encoded against. ``max_bytes``
-    refuses a larger payload before reading it; ``max_entries`` refuses a tensor table that
-    announces more kept entries in all, before anything is decompressed (zstd's RLE blocks
-    let a few MB expand to a TB)."""
+    for values-only payloads and must be the one they were encoded against.
+
+    Everything is checked before it is allocated: ``max_bytes`` refuses a larger payload
+    before reading it; the tensor table is checked against ``shapes`` (names and shapes a
+    receiver accepts, e.g. a model's parameters) and against ``max_entries`` before any
+    stream is decompressed, and every stream must be one zstd frame declaring exactly the
+    size the table implies (zstd's RLE blocks would let a few KB expand to a TB). Indices
+    must be in range and strictly increasing; values finite, and at most ``max_abs`` in
+    magnitude after int8 scaling when given."""
     head = peek(data, max_bytes=max_bytes)
     r = _Reader(memoryview(data)[HEADER.size :])
     (n_tensors,) = r.unpack("<I", "tensor count")
@@ -337,6 +384,11 @@ def decode(
             raise CodecError(f"{name}: count {nnz:,} disagrees with shape {shape} (numel {numel:,})")
         if not (math.isfinite(scale) and scale > 0):
             raise CodecError(f"{name}: invalid scale {scale}")
+        if shapes is not None:
+            if name not in shapes:
+                raise CodecError(f"tensor {name!r} is not one the receiver accepts")
+            if tuple(shape) != tuple(shapes[name]):
+                raise CodecError(f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(shapes[name])}")
         entries.append((name, tuple(shape), dense, nnz, scale))
 
     layout = None
@@ -371,22 +423,30 @@ def decode(
                 continue
             g = gaps[start : start + nnz]
             start += nnz
-            idx = np.cumsum(g + 1) - 1
-            if nnz and idx[-1] >= math.prod(shape):
-                raise CodecError(f"{name}: index {int(idx[-1]):,} out of range for shape {shape}")
+            numel = math.prod(shape)
+            if nnz and int(g.max()) >= numel:
+                raise CodecError(f"{name}: a gap of {int(g.max()):,} leaves the tensor of {numel:,} entries")
+            idx = np.cumsum(g + 1) - 1  # gaps < numel <= 2^40 each: a wrap past 2^63 shows as a decrease
+            if nnz and (idx[0] < 0 or idx[-1] >= numel or (nnz > 1 and not (np.diff(idx) > 0).all())):
+                raise CodecError(f"{name}: indices out of range or not increasing for shape {shape}")
             indices.append(torch.from_numpy(idx))
     dcode = VALUE_DTYPES[head.value_dtype]
     planes = b"".join(r.stream(total_nnz, f"value plane {i}") for i in range(_PLANES[dcode]))
     if r.pos != len(r.buf):
         raise CodecError(f"{len(r.buf) - r.pos} trailing bytes after the last stream")
-    vals = _bytes_to_values(planes, total_nnz, dcode)
-    if not torch.isfinite(vals).all():
-        raise CodecError("values hold NaN or Inf")
+    try:
+        vals = _bytes_to_values(planes, total_nnz, dcode)
+    except MemoryError:
+        raise CodecError(f"out of memory for {total_nnz:,} values") from None
     out, start = {}, 0
     for (name, shape, _dense, nnz, scale), idx in zip(entries, indices, strict=True):
         v = vals[start : start + nnz]
         start += nnz
         if dcode == 2:
-            v = v * scale
+            v = v * scale  # the scale can make finite int8 codes infinite: check after it
+        if not torch.isfinite(v).all():
+            raise CodecError(f"{name}: values hold NaN or Inf")
+        if max_abs is not None and v.numel() and float(v.abs().max()) > max_abs:
+            raise CodecError(f"{name}: a value of magnitude {float(v.abs().max()):.3g} exceeds the limit {max_abs:g}")
         out[name] = SparseTensor(shape, idx, v)
     return SparseTaskVector(out)

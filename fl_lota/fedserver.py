@@ -5,6 +5,15 @@ State: ``G``, the cumulative merged update (the global model is ``base + G``), a
 mask each LoTA client registered with its first (full) upload, against which its later
 values-only uploads are decoded. ``G`` is kept exactly as clients decode it from the wire
 (``decode(encode(G))``), so server and clients hold bit-identical global weights.
+
+Masks and partitions are bound to the sender's identity (Flower's node id; on the
+deployment engine with SuperNode authentication, an authenticated key): the first node to
+report partition ``p`` owns it and registers its mask under its own id. Another node that
+reports ``p`` while the owner is online is refused; a node may not change its partition.
+When the owner is gone (a restarted server sees new node ids in simulation; a replaced
+machine), the next node that reports ``p`` takes it over, keeping the registered mask if
+its values-only upload was encoded against it (the mask's fingerprint), so a resumed run
+goes on exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -19,24 +28,38 @@ from .merge import merge
 from .runconfig import RunConfig
 from .task_vector import SparseTaskVector
 
-__all__ = ["Aggregator", "Upload", "UploadError"]
+__all__ = ["MAX_UPDATE_ABS", "Aggregator", "Upload", "UploadError", "accepted_shapes"]
 
 
 class UploadError(ValueError):
     """An upload that cannot be used this round; the message names the client and why."""
 
 
+# No fine-tuning step moves a weight by this much: a larger update value is refused at
+# decoding, which also keeps every weighted sum of accepted values far from float32's range.
+MAX_UPDATE_ABS = 1e4
+
+
+def accepted_shapes(method: str, shapes: Mapping[str, tuple[int, ...]], lora_rank: int) -> dict[str, tuple[int, ...]]:
+    """The tensors an upload of ``method`` may hold: the model's parameters, or for LoRA
+    the factors ``<W>::lora_B`` (out, r) and ``<W>::lora_A`` (r, in) of its matrices."""
+    if method != "lora":
+        return dict(shapes)
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if len(shape) == 2:
+            out[name + lowrank.SUFFIX_B] = (shape[0], lora_rank)
+            out[name + lowrank.SUFFIX_A] = (lora_rank, shape[1])
+    return out
+
+
 @dataclass
 class Upload:
-    client: str  # stable id of the sender (Flower node id)
+    client: str  # the sender's identity: Flower's node id
     payload: bytes
-    weight: float  # merge weight: the client's example count
+    weight: float  # merge weight: the client's example count (checked by the caller)
     metrics: dict[str, float] = field(default_factory=dict)
-    mask_key: str | None = None  # whose mask (default: client); stable across restarts, e.g. "p3"
-
-    @property
-    def key(self) -> str:
-        return self.mask_key or self.client
+    partition: int | None = None  # the partition it reports (None: not bound to one)
 
 
 @dataclass
@@ -51,6 +74,7 @@ class RoundMerge:
     global_numel: int
     global_bytes: int
     candidate_bytes: dict[str, int]
+    merge_error: str | None = None  # the merge failed: G unchanged this round
 
 
 class Aggregator:
@@ -60,29 +84,75 @@ class Aggregator:
     def __init__(self, cfg: RunConfig, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
         self.cfg = cfg
         self.shapes = dict(shapes) if shapes is not None else None
+        self.accepted = accepted_shapes(cfg.method, shapes, cfg.lora_rank) if shapes is not None else None
+        # no upload can hold more entries than the tensors it may name
+        self.max_entries = sum(math.prod(s) for s in self.accepted.values()) if self.accepted else codec.MAX_ENTRIES
         self.global_tv = SparseTaskVector()
         self.global_payload = codec.encode(self.global_tv, values=cfg.values)
-        self.masks: dict[str, SparseTaskVector] = {}  # client -> registered layout
+        self.masks: dict[str, SparseTaskVector] = {}  # node -> registered layout
+        self.owners: dict[int, str] = {}  # partition -> the node that owns it
         self.candidates: dict[str, bytes] = {}  # merge name -> G_m payload (scored, not kept)
 
-    def restore(self, global_tv: SparseTaskVector, masks: Mapping[str, SparseTaskVector]) -> None:
-        """State from a checkpoint: ``G`` as the clients decoded it, and the masks."""
+    def restore(
+        self, global_tv: SparseTaskVector, masks: Mapping[str, SparseTaskVector], owners: Mapping[int, str]
+    ) -> None:
+        """State from a checkpoint: ``G`` as the clients decoded it, the masks and who owns
+        each partition (a node id that is gone is taken over by the next node reporting it)."""
         self.global_payload = codec.encode(global_tv, values=self.cfg.values)
         self.global_tv = codec.decode(self.global_payload)
         self.masks = dict(masks)
+        self.owners = {int(p): str(n) for p, n in owners.items()}
         self.candidates = {}
 
-    def decode(self, up: Upload) -> SparseTaskVector:
+    def partition_of(self, node: str) -> int | None:
+        return next((p for p, n in self.owners.items() if n == node), None)
+
+    def _claim(self, up: Upload, online: set[str] | None) -> str | None:
+        """Check the partition ``up`` reports against the bindings; returns the node whose
+        partition (and mask) it takes over, if any. Raises UploadError."""
+        if up.partition is None:
+            return None
+        mine = self.partition_of(up.client)
+        if mine is not None and mine != up.partition:
+            raise UploadError(f"client {up.client}: reports partition {up.partition}, but it is partition {mine}")
+        owner = self.owners.get(up.partition)
+        if owner is None or owner == up.client:
+            return None
+        if online is None or owner in online:
+            raise UploadError(
+                f"client {up.client}: reports partition {up.partition}, which belongs to node {owner} (online)"
+            )
+        return owner
+
+    def _bind(self, up: Upload, gone: str | None, layout: SparseTaskVector | None) -> None:
+        if gone is not None:
+            self.masks.pop(gone, None)
+        if up.partition is not None:
+            self.owners[up.partition] = up.client
+        if layout is not None:
+            self.masks[up.client] = layout
+
+    def decode(self, up: Upload, online: set[str] | None = None) -> SparseTaskVector:
         """The upload's task vector. Full payloads (re)register the client's mask;
-        values-only payloads decode against it. Raises UploadError naming the problem."""
+        values-only payloads decode against it. ``online``: the nodes connected now (None:
+        treat every owner as online). Raises UploadError naming the problem."""
+        gone = self._claim(up, online)
+        limits = dict(
+            max_bytes=self.cfg.max_upload_bytes,
+            shapes=self.accepted,
+            max_abs=MAX_UPDATE_ABS,
+            max_entries=self.max_entries,
+        )
         try:
             head = codec.peek(up.payload, max_bytes=self.cfg.max_upload_bytes)
             if head.values_only:
-                if up.key not in self.masks:
+                mask = self.masks.get(up.client) or (self.masks.get(gone) if gone is not None else None)
+                if mask is None:
                     raise UploadError(f"client {up.client}: values-only upload but no mask registered")
-                tv = codec.decode(up.payload, mask=self.masks[up.key], max_bytes=self.cfg.max_upload_bytes)
+                tv = codec.decode(up.payload, mask=mask, **limits)
+                self._bind(up, gone, mask)
                 return self._clip(tv)
-            tv = codec.decode(up.payload, max_bytes=self.cfg.max_upload_bytes)
+            tv = codec.decode(up.payload, **limits)
         except codec.CodecError as e:
             raise UploadError(f"client {up.client}: {e}") from None
         layout = tv
@@ -92,8 +162,7 @@ class Aggregator:
             except ValueError as e:
                 raise UploadError(f"client {up.client}: {e}") from None
         self._check_against_model(up.client, tv)
-        if self.cfg.method == "lota":
-            self.masks[up.key] = layout
+        self._bind(up, gone, layout if self.cfg.method == "lota" else None)
         return self._clip(tv)
 
     def _check_against_model(self, client: str, tv: SparseTaskVector) -> None:
@@ -117,16 +186,20 @@ class Aggregator:
         f = self.cfg.clip_norm / norm
         return tv.with_values({n: t.values * f for n, t in tv.items()})
 
-    def aggregate(self, uploads: Sequence[Upload]) -> RoundMerge:
+    def aggregate(self, uploads: Sequence[Upload], online: set[str] | None = None) -> RoundMerge:
         """Merge this round's uploads into ``G`` with the run's merge method, and build the
-        candidates ``G + merge_m(uploads)`` for each further merge to be scored."""
+        candidates ``G + merge_m(uploads)`` for each further merge to be scored. ``online``:
+        the nodes connected now (partitions of nodes that are gone may be taken over)."""
         t0 = time.perf_counter()
         vectors, weights, accepted, rejected = [], [], [], {}
         for up in uploads:
             try:
-                vectors.append(self.decode(up))
+                vectors.append(self.decode(up, online))
             except UploadError as e:
                 rejected[up.client] = str(e)
+                continue
+            except Exception as e:  # untrusted input: whatever breaks, it breaks this upload only
+                rejected[up.client] = f"client {up.client}: upload could not be used ({type(e).__name__}: {e})"
                 continue
             weights.append(up.weight)
             accepted.append(up.client)
@@ -135,14 +208,21 @@ class Aggregator:
         self.candidates = {}
         if len(vectors) < self.cfg.min_replies:  # too few: keep the global model as it is
             vectors, weights = [], []
+        merge_error = None
         if vectors:
-            for name in self.cfg.merges:
-                merged = merge(name, vectors, weights, **self.cfg.merge_params(name))
-                payload = codec.encode(self.global_tv.add(merged), values=self.cfg.values)
-                self.candidates[name] = payload
-            self.global_payload = self.candidates[self.cfg.merge]
-            self.global_tv = codec.decode(self.global_payload)
-        else:
+            try:
+                for name in self.cfg.merges:
+                    merged = merge(name, vectors, weights, **self.cfg.merge_params(name))
+                    self.candidates[name] = codec.encode(self.global_tv.add(merged), values=self.cfg.values)
+                new_tv = codec.decode(self.candidates[self.cfg.merge])
+            except (ValueError, RuntimeError, FloatingPointError) as e:  # CodecError included
+                # accepted uploads are bounded, so this is not expected; if it happens the
+                # round leaves G as it was rather than stopping the run or storing garbage
+                merge_error = f"{type(e).__name__}: {e}"
+                self.candidates = {}
+            else:
+                self.global_payload, self.global_tv = self.candidates[self.cfg.merge], new_tv
+        if not self.candidates:
             self.candidates = {self.cfg.merge: self.global_payload}
         return RoundMerge(
             accepted=accepted,
@@ -153,4 +233,5 @@ class Aggregator:
             global_numel=self.global_tv.numel,
             global_bytes=len(self.global_payload),
             candidate_bytes={k: len(v) for k, v in self.candidates.items()},
+            merge_error=merge_error,
         )

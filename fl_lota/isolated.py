@@ -84,7 +84,7 @@ def isolated_run(cfg: RunConfig, partition_id: int, task: Task, *, evaluate: boo
         out = node.train(agg.global_payload, mask, server_round=rnd)
         if out.mask_payload is not None:
             mask = out.mask_payload
-        result = agg.aggregate([Upload("solo", out.payload, 1.0, mask_key=f"p{partition_id}")])
+        result = agg.aggregate([Upload("solo", out.payload, 1.0, partition=partition_id)])
         if result.rejected:
             raise RuntimeError(f"single-task run of {task.name}: its own upload was refused: {result.rejected}")
         passes += int(out.metrics["fb-passes"])

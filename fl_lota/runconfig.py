@@ -186,6 +186,13 @@ class RunConfig:
         )
 
     @property
+    def max_client_examples(self) -> int:
+        """The most training examples one client of this federation can hold: ``n-train``
+        of its task, or of every task in a mixed federation (a bound on merge weights)."""
+        spec = self.spec
+        return self.n_train * (len(spec.tasks) if spec.alpha is not None else 1)
+
+    @property
     def examples_per_round(self) -> int:
         """Examples each client trains on per round (one forward and backward pass each)."""
         return self.local_steps * self.batch_size

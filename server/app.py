@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 from flwr.app import Context
@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from fl_lota import report
 from fl_lota.checkpoint import load_checkpoint
 from fl_lota.models import param_shapes
+from fl_lota.precheck import check_run
 from fl_lota.runconfig import RunConfig
 
 from .book import RoundBook
@@ -62,11 +63,14 @@ def main(grid: Grid, context: Context) -> None:
         raise FileExistsError(
             f"{out} holds a run's metrics.jsonl but no checkpoint to resume; choose another results-dir"
         )
+    shapes = param_shapes(cfg.model)  # a model that names nothing stops the run here, named
+    for label in check_run(cfg, local_only=True, check_model=False):
+        log(WARNING, "fl-lota: task %r reads files this machine does not hold; its client checks them", label)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     num_clients = cfg.spec.num_clients
     book = RoundBook(cfg, out)
-    strategy = LotaFedAvg(cfg, book, num_clients=num_clients, shapes=param_shapes(cfg.model))
+    strategy = LotaFedAvg(cfg, book, num_clients=num_clients, shapes=shapes)
     first = 1
     if ckpt is not None and ckpt.round > cfg.num_server_rounds:
         raise ValueError(
@@ -88,3 +92,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy.aggregator.global_tv.save(out / "global_update.safetensors")
     report.write_run_report(out, book.rows, wall_seconds=wall)
     log(INFO, "fl-lota: %d rounds in %.0f s; summary in %s", len(book.rows), wall, out / "summary.md")
+    never = book.never_accepted()
+    if never:  # a run without a client's task is not the run that was asked for
+        raise RuntimeError(
+            "client(s) whose every upload failed or was refused: "
+            + "; ".join(f"node {n} ({why})" for n, why in never.items())
+            + f"; the summary in {out} lacks their tasks"
+        )

@@ -65,6 +65,7 @@ class RoundBook:
             "merge": self.cfg.merge,
             "sampled": len(downlink),
             "downlink_bytes": sum(downlink.values()),
+            "downlink_by_node": {str(n): b for n, b in downlink.items()},
             "eval_downlink_bytes": 0,
             "clients": [],
             "failures": {},
@@ -73,6 +74,17 @@ class RoundBook:
         self._downlink = downlink
         self._eval_downlink: dict[int, int] = {}
         self._evals: list[tuple[int, dict[str, float]]] = []
+
+    def never_accepted(self) -> dict[str, str]:
+        """Nodes sent training instructions in some round whose uploads were never accepted
+        in any round, with the last reason recorded for them."""
+        sent, accepted, why = set(), set(), {}
+        for r in self.rows:
+            sent |= set(r.get("downlink_by_node", {}))
+            rejected = {**r.get("failures", {}), **r.get("rejected", {})}
+            accepted |= {c["node"] for c in r.get("clients", []) if c["node"] not in rejected}
+            why |= rejected
+        return {n: why.get(n, "no reply") for n in sorted(sent - accepted)}
 
     def failure(self, node: int, reason: str) -> None:
         self.row["failures"][str(node)] = reason
@@ -130,7 +142,8 @@ class RoundBook:
             "replied": len(cs),
             "accepted": len(good),
             "partial": len(good) < self.row["sampled"],
-            "global_updated": len(good) >= max(1, self.cfg.min_replies),
+            "global_updated": len(good) >= max(1, self.cfg.min_replies) and not result.merge_error,
+            "merge_error": result.merge_error,
             "uplink_bytes": sum(c["message_bytes"] for c in cs),
             "uplink_array_bytes": sum(c["array_bytes"] for c in cs),
             "uplink_payload_bytes": sum(c["payload_bytes"] for c in cs),

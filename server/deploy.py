@@ -173,10 +173,15 @@ class Federation:
                     f"SuperLink did not come up: {r.stdout[-800:]} {r.stderr[-800:]}\n{self.log('superlink.log')}"
                 )
             time.sleep(1.0)
+        self.node_ids: list[str] = []
         for i in range(self.nodes):
             r = self.flwr("supernode", "register", str(c / f"supernode-{i}.pub"), "--format", "json")
             if r.returncode != 0 or "error" in r.stdout.lower():
                 raise RuntimeError(f"registering supernode {i} failed: {r.stdout[-800:]} {r.stderr[-800:]}")
+            try:
+                self.node_ids.append(str(json.loads(r.stdout[r.stdout.index("{") :])["node-id"]))
+            except (ValueError, KeyError):
+                raise RuntimeError(f"registering supernode {i}: no node id in {r.stdout[-300:]!r}") from None
         for i in range(self.nodes):
             self._start(
                 [
@@ -191,6 +196,29 @@ class Federation:
                 ],
                 f"supernode-{i}.log",
             )  # fmt: skip
+        self.wait_online(wait)
+
+    def wait_online(self, wait: float = 60) -> None:
+        """Until every registered SuperNode is online. A SuperNode that cannot reach the
+        SuperLink (no or wrong --root-certificates against TLS, a key the SuperLink does
+        not know, a wrong address) retries without saying why: name it, with its log."""
+        t0 = time.monotonic()
+        status: dict[str, str] = {}
+        while time.monotonic() - t0 < wait:
+            r = self.flwr("supernode", "list", "--format", "json", timeout=30)
+            with contextlib.suppress(ValueError, KeyError):
+                status = {n["node-id"]: n["status"] for n in json.loads(r.stdout)["nodes"]}
+            if all(status.get(n) == "online" for n in self.node_ids):
+                return
+            time.sleep(1.0)
+        late = [i for i, n in enumerate(self.node_ids) if status.get(n) != "online"]
+        raise RuntimeError(
+            f"SuperNode(s) {late} did not connect to the SuperLink at 127.0.0.1:{self.port} within {wait:.0f} s "
+            f"(status: {[status.get(self.node_ids[i], 'unknown') for i in late]}). A SuperNode retries silently when "
+            "TLS does not match (its --root-certificates must be the CA that signed the SuperLink's certificate), "
+            "when its key was not registered (flwr supernode register), or when the address is wrong. "
+            + "".join(f"\nsupernode-{i}.log ends:\n{self.log(f'supernode-{i}.log')[-1200:]}" for i in late)
+        )
 
     def log(self, name: str) -> str:
         p = self.workdir / name

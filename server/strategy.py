@@ -23,7 +23,8 @@ from flwr.serverapp.strategy import FedAvg
 from clients.wire import ARRAYS, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
 from fl_lota.checkpoint import Checkpoint, save_checkpoint
 from fl_lota.fedserver import Aggregator, Upload
-from fl_lota.runconfig import RunConfig
+from fl_lota.reports import eval_report, train_report
+from fl_lota.runconfig import RESUME_MAY_CHANGE, RunConfig
 
 from .book import RoundBook
 
@@ -49,6 +50,7 @@ class LotaFedAvg(FedAvg):
         )
         self.cfg = cfg
         self.book = book
+        self.num_clients = num_clients
         self.aggregator = Aggregator(cfg, shapes)
         self.run_tag = uuid.uuid4().hex  # names this run's client state (kept across resumes)
         self._t: dict[str, float] = {}
@@ -81,16 +83,20 @@ class LotaFedAvg(FedAvg):
             rows=self.book.rows,
             config=self.cfg.resumable(),
             rng=random.getstate(),
-            extra={"run_tag": self.run_tag},
+            extra={"run_tag": self.run_tag, "owners": {str(p): n for p, n in self.aggregator.owners.items()}},
         )
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt`` (its config must match this run's, but for the round count)."""
         mine = self.cfg.resumable()
-        diff = sorted(k for k in set(mine) | set(ckpt.config) if mine.get(k) != ckpt.config.get(k))
+        theirs = {k: v for k, v in ckpt.config.items() if k not in RESUME_MAY_CHANGE}
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             raise ValueError(f"cannot resume: the run config differs from the checkpoint's in {diff}")
-        self.aggregator.restore(ckpt.global_tv, ckpt.masks)
+        owners = ckpt.extra.get("owners")
+        if owners is None:  # a checkpoint from before node binding: masks keyed "p<partition>"
+            owners = {int(k[1:]): k for k in ckpt.masks if k[:1] == "p" and k[1:].isdigit()}
+        self.aggregator.restore(ckpt.global_tv, ckpt.masks, {int(p): n for p, n in owners.items()})
         self.book.rows = list(ckpt.rows)
         random.setstate(ckpt.rng)
         self.run_tag = ckpt.extra.get("run_tag", self.run_tag)
@@ -108,6 +114,7 @@ class LotaFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._t = {"round-start": time.perf_counter()}
+        self._online = {str(n) for n in grid.get_node_ids()}  # partitions of nodes that left may be taken over
         config["eval-start"] = server_round == 1 and self.cfg.eval_base
         config["fl-lota-run"] = self.run_tag
         config["eval-local"] = self.is_eval_round(server_round) and self.cfg.eval_local
@@ -126,18 +133,29 @@ class LotaFedAvg(FedAvg):
         uploads = []
         for msg in valid:
             node = msg.metadata.src_node_id
-            try:
+            try:  # one guarded path per reply: whatever is wrong with it, only it is refused
                 payload = payloads(msg.content[ARRAYS])[""]
-                metrics = {k: float(v) for k, v in msg.content[METRICS].items()}
-                weight = metrics["num-examples"]
-            except (KeyError, ValueError, TypeError) as e:
-                self.book.failure(node, f"malformed reply: {e!r}")
+                report = train_report(
+                    msg.content[METRICS],
+                    num_clients=self.num_clients,
+                    max_examples=self.cfg.max_client_examples,
+                    max_items=self.cfg.n_test,
+                )
+                self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), report.metrics)
+            except (KeyError, ValueError, TypeError) as e:  # ReportError is a ValueError
+                reason = f"client {node}: malformed reply: {e}"
+                log(WARNING, "round %d: rejected reply: %s", server_round, reason)
+                self.book.reject(node, reason)
                 continue
-            self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), metrics)
-            pid = metrics.get("partition-id")
-            key = f"p{int(pid)}" if pid is not None and pid >= 0 else None
-            uploads.append(Upload(str(node), payload, weight, metrics, mask_key=key))
-        result = self.aggregator.aggregate(uploads)
+            uploads.append(Upload(str(node), payload, report.weight, report.metrics, partition=report.partition))
+        result = self.aggregator.aggregate(uploads, online=getattr(self, "_online", None))
+        if result.merge_error:
+            log(
+                WARNING,
+                "round %d: the merge failed (%s); the global model is unchanged",
+                server_round,
+                result.merge_error,
+            )
         for client, reason in result.rejected.items():
             log(WARNING, "round %d: rejected upload: %s", server_round, reason)
             self.book.reject(int(client), reason)
@@ -176,12 +194,18 @@ class LotaFedAvg(FedAvg):
         for msg in errors:
             self.book.failure(msg.metadata.src_node_id, f"evaluate: {msg.error.reason}")
         for msg in valid:
+            node = msg.metadata.src_node_id
             try:
-                metrics = {k: float(v) for k, v in msg.content[METRICS].items()}
+                report = eval_report(msg.content[METRICS], num_clients=self.num_clients, max_items=self.cfg.n_test)
+                mine = self.aggregator.partition_of(str(node))
+                if mine is not None and mine != report.partition:
+                    raise ValueError(f"reports partition {report.partition}, but it is partition {mine}")
             except (KeyError, ValueError, TypeError) as e:
-                self.book.failure(msg.metadata.src_node_id, f"malformed evaluate reply: {e!r}")
+                reason = f"client {node}: malformed evaluate reply: {e}"
+                log(WARNING, "round %d: rejected evaluation: %s", server_round, reason)
+                self.book.reject(node, reason)
                 continue
-            self.book.evaluated(msg.metadata.src_node_id, metrics)
+            self.book.evaluated(node, report.metrics)
         now = time.perf_counter()
         row = self.book.end_round(
             eval_wall=now - self._t.get("eval-start", now), round_wall=now - self._t.get("round-start", now)

@@ -1,4 +1,5 @@
-"""Server checkpoints: written atomically, read back exactly, damaged ones skipped."""
+"""Server checkpoints: written atomically, read back exactly, every file checked against its
+recorded checksum: a changed byte is an error naming the file, never a silent resume."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from test_federated import sparse_tv
 
-from fl_lota.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fl_lota.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 
 def ckpt(rnd: int) -> Checkpoint:
@@ -55,8 +56,6 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path):
     (tmp_path / ".round-0003.tmp-999").mkdir()  # a write that never finished
     (tmp_path / ".round-0003.tmp-999" / "global.safetensors").write_bytes(b"partial")
     assert load_checkpoint(tmp_path).round == 2
-    (tmp_path / "round-0002" / "state.json").write_text("{broken")  # damaged after the rename
-    assert load_checkpoint(tmp_path).round == 1
 
 
 def test_no_checkpoint_and_unreadable_ones(tmp_path):
@@ -64,7 +63,26 @@ def test_no_checkpoint_and_unreadable_ones(tmp_path):
     assert load_checkpoint(tmp_path) is None
     save_checkpoint(tmp_path, ckpt(1))
     (tmp_path / "round-0001" / "global.safetensors").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="no readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"global\.safetensors: its sha256 differs"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["global.safetensors", "mask-p1.safetensors", "state.json"])
+def test_one_changed_byte_in_any_file_is_an_error_naming_it(tmp_path, name):
+    save_checkpoint(tmp_path, ckpt(2), keep=2)
+    save_checkpoint(tmp_path, ckpt(3), keep=2)  # an older, intact round is no excuse to resume from it
+    f = tmp_path / "round-0003" / name
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"round-0003/{name}"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_without_its_manifest_is_refused(tmp_path):
+    save_checkpoint(tmp_path, ckpt(1))
+    (tmp_path / "round-0001" / "MANIFEST.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no MANIFEST\.json"):
         load_checkpoint(tmp_path)
 
 

@@ -243,8 +243,9 @@ def test_uploads_must_match_the_models_parameters():
         ]
     )
     assert r.accepted == ["3"]
-    assert "'lm_head.evil' is not a parameter" in r.rejected["1"]
-    assert "shape (16, 8), the model's is (8, 16)" in r.rejected["2"]
+    # refused from the tensor table, before any stream is decompressed
+    assert "tensor 'lm_head.evil' is not one the receiver accepts" in r.rejected["1"]
+    assert "has shape (16, 8), expected (8, 16)" in r.rejected["2"]
 
 
 def test_values_only_upload_against_another_mask_is_rejected():

@@ -7,6 +7,9 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("flwr")
 
@@ -45,7 +48,13 @@ class Reply:
 
 
 def train_reply(node: int, payload: bytes, partition: int, **metrics) -> Reply:
-    m = {"num-examples": 16.0, "partition-id": float(partition), "payload-bytes": float(len(payload))} | metrics
+    m = {
+        "num-examples": 16.0,
+        "partition-id": float(partition),
+        "payload-bytes": float(len(payload)),
+        "nnz": 10.0,
+        "numel": 100.0,
+    } | metrics
     return Reply(node, RecordDict({"arrays": ArrayRecord({PAYLOAD: fltv_array(payload)}), "metrics": MetricRecord(m)}))
 
 
@@ -138,3 +147,134 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
     assert r["eval_downlink_bytes"] == 2200
     assert r["cumulative_uplink_bytes"] == r["uplink_bytes"]
     assert out["score-mean@mask_aware"] == pytest.approx(0.325)
+
+
+# ---- hostile replies: each is refused for its round, named and counted; nothing crashes
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("num-examples", 0.0, "num-examples"),
+        ("num-examples", -5.0, "num-examples"),
+        ("num-examples", 1e38, "num-examples"),  # would own the merge
+        ("num-examples", float("nan"), "num-examples"),
+        ("partition-id", float("nan"), "partition-id"),
+        ("partition-id", 1e30, "partition-id"),
+        ("partition-id", 1.5, "partition-id"),
+        ("partition-id", -1.0, "partition-id"),
+        ("nnz", float("inf"), "nnz"),
+        ("payload-bytes", -1.0, "payload-bytes"),
+        ("train-seconds", -3.0, "train-seconds"),
+        ("local-score.math", 7.0, "local-score.math"),
+        ("n.math", 1e12, "n.math"),
+        ("sneaky", 1.0, "unknown field 'sneaky'"),
+    ],
+)
+def test_a_reply_with_a_bad_field_is_refused_by_name_and_the_round_goes_on(tmp_path, field, value, needle):
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1})
+    good = train_reply(11, codec.encode(sparse_tv(1)), 0)
+    bad = train_reply(12, codec.encode(sparse_tv(2)), 1, **{field: value})
+    arrays, _ = strategy.aggregate_train(1, [good, bad])
+    assert arrays is not None and book.row["accepted"] == 1
+    assert needle in book.row["rejected"]["12"] and "client 12" in book.row["rejected"]["12"]
+
+
+HOSTILE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.sampled_from([0.0, -0.0, 1e38, -1e38, 2.0**53, 1e-300]),
+)
+KEYS = [
+    "num-examples", "partition-id", "payload-bytes", "nnz", "numel", "values-only", "loss-first", "train-seconds",
+    "fb-passes", "local-score.math", "n.math", "seconds.train",
+]  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(KEYS), HOSTILE, max_size=6))
+def test_hostile_metric_values_never_crash_the_server(tmp_path, edits):
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1})
+    replies = [train_reply(11, codec.encode(sparse_tv(1)), 0), train_reply(12, codec.encode(sparse_tv(2)), 1, **edits)]
+    strategy.aggregate_train(1, replies)  # never raises
+    assert book.row["accepted"] + len(book.row["rejected"]) == 2
+    assert "11" not in book.row["rejected"]
+    evals = [
+        Reply(12, RecordDict({"metrics": MetricRecord({"partition-id": 1.0, "n.sql": 4.0} | {
+            k.replace("local-score", "score") + ("@mask_aware" if k.startswith("local-score") else ""): v
+            for k, v in edits.items() if k in ("partition-id", "n.math", "local-score.math")
+        })}))
+    ]  # fmt: skip
+    strategy.aggregate_evaluate(1, evals)  # never raises
+    g = strategy.aggregator.global_tv
+    assert all(torch.isfinite(t.values).all() for t in g.values())
+
+
+def test_a_node_cannot_take_another_nodes_partition_or_mask(tmp_path):
+    strategy, book = make(tmp_path)
+    agg = strategy.aggregator
+    victim_tv, attack_tv = sparse_tv(1), sparse_tv(7)
+    strategy._online = {"11", "12", "66"}
+    book.start_round(1, {11: 1, 12: 1, 66: 1})
+    strategy.aggregate_train(
+        1,
+        [
+            train_reply(11, codec.encode(victim_tv), 0),
+            train_reply(12, codec.encode(sparse_tv(2)), 1),
+            train_reply(66, codec.encode(attack_tv), 0),  # claims the victim's partition
+        ],
+    )
+    assert "belongs to node 11" in book.row["rejected"]["66"]
+    assert agg.owners[0] == "11" and set(agg.masks) == {"11", "12"}
+    book.start_round(2, {11: 1, 66: 1})
+    strategy.aggregate_train(
+        2,
+        [
+            train_reply(11, codec.encode(victim_tv, values_only=True), 0),  # still decodes against its own mask
+            train_reply(66, codec.encode(attack_tv, values_only=True), 2),  # no mask of its own
+            train_reply(12, codec.encode(sparse_tv(2), values_only=True), 0),  # a node changing its partition
+        ],
+    )
+    assert book.row["accepted"] == 1 and "11" not in book.row["rejected"]
+    assert "no mask registered" in book.row["rejected"]["66"]
+    assert "it is partition 1" in book.row["rejected"]["12"]
+    # after a restart every node id is new: the first node to report partition 0 with the
+    # victim's mask takes it over (a resumed run goes on with values-only uploads)
+    strategy._online = {"21", "22"}
+    book.start_round(3, {21: 1, 22: 1})
+    strategy.aggregate_train(3, [train_reply(21, codec.encode(victim_tv, values_only=True), 0)])
+    assert book.row["accepted"] == 1 and agg.owners[0] == "21" and "11" not in agg.masks
+
+
+def test_an_eval_reply_claiming_another_partition_is_refused(tmp_path):
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1})
+    strategy.aggregate_train(
+        1, [train_reply(11, codec.encode(sparse_tv(1)), 0), train_reply(12, codec.encode(sparse_tv(2)), 1)]
+    )
+    lie = Reply(
+        12, RecordDict({"metrics": MetricRecord({"score.math@mask_aware": 1.0, "n.math": 4.0, "partition-id": 0.0})})
+    )
+    nan = Reply(11, RecordDict({"metrics": MetricRecord({"score.math@mask_aware": 0.5, "partition-id": float("nan")})}))
+    strategy.aggregate_evaluate(1, [lie, nan])
+    row = book.rows[-1]
+    assert "it is partition 1" in row["rejected"]["12"] and "partition-id" in row["rejected"]["11"]
+    assert row["scores"] == {}
+
+
+def test_a_merge_that_fails_leaves_the_global_model_and_the_run_going(tmp_path, monkeypatch):
+    from fl_lota import fedserver
+
+    strategy, book = make(tmp_path)
+    before = strategy.aggregator.global_payload
+
+    def broken(*a, **k):
+        raise FloatingPointError("overflow in the weighted sum")
+
+    monkeypatch.setattr(fedserver, "merge", broken)
+    book.start_round(1, {11: 1})
+    strategy.aggregate_train(1, [train_reply(11, codec.encode(sparse_tv(1)), 0)])
+    assert strategy.aggregator.global_payload == before
+    assert not book.row["global_updated"] and "overflow" in book.row["merge_error"]

@@ -164,7 +164,7 @@ class Comparison:
                     scores |= res["scores"]
                     passes += res["passes"]
                     self._say(
-                        f"tune {method} {setting_slug(cand)} {task.name}: validation "
+                        f"tune {method} {_setting_text(cand)} {task.name}: validation "
                         f"{res['scores'].get(task.name, 0):.3f}{_took(res, reused)}"
                     )
                 rows.append({"setting": cand, "val": scores, "mean": _mean(scores.values()), "passes": passes})
@@ -228,7 +228,7 @@ class Comparison:
             )
             rows.append({"setting": cand, "val": res["scores"], "mean": _mean(res["scores"].values())})
             took = " (stored)" if reused else f" ({time.perf_counter() - t0:.0f} s)"
-            self._say(f"tune {method}+{merge} {setting_slug(cand)}: validation mean {rows[-1]['mean']:.3f}{took}")
+            self._say(f"tune {method}+{merge} {_setting_text(cand)}: validation mean {rows[-1]['mean']:.3f}{took}")
         best = self._best(rows, {"method": method, "merge": merge} | setting)
         return {"candidates": rows, "chosen": dict(best["setting"])}
 
