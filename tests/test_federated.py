@@ -6,11 +6,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_codec import resign
 
 from fl_lota import codec, lowrank
 from fl_lota.data import stream_order
 from fl_lota.fedclient import LocalNode, load_base
-from fl_lota.fedserver import Aggregator, Upload
+from fl_lota.fedserver import MAX_UPDATE_ABS, Aggregator, Upload
 from fl_lota.merge import merge
 from fl_lota.runconfig import RunConfig
 from fl_lota.task_vector import SparseTaskVector, SparseTensor
@@ -272,22 +273,30 @@ def test_too_few_replies_leave_the_global_model_unchanged():
 
 
 _GOOD = codec.encode(sparse_tv(0, shapes=SHAPES))
+_GOOD_VO = codec.encode(sparse_tv(0, shapes=SHAPES), values_only=True)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.tuples(st.integers(0, len(_GOOD) - 1), st.integers(0, 255)), min_size=1, max_size=6),
     st.binary(max_size=64),
+    st.booleans(),
 )
-def test_mutated_uploads_only_ever_produce_named_rejections(edits, tail):
-    payload = bytearray(_GOOD)
+def test_mutated_uploads_only_ever_produce_named_rejections(edits, tail, values_only):
+    """Every mutant is re-signed (length and checksum recomputed), so it reaches the checks
+    behind the checksum: the tensor table against the model, the streams, the indices and
+    the values. Each one is either refused with a named reason or a well-formed update."""
+    good = _GOOD_VO if values_only else _GOOD
+    payload = bytearray(good)
     for pos, byte in edits:
-        payload[pos] = byte
+        payload[pos % len(payload)] = byte
     agg = Aggregator(RunConfig(), shapes=SHAPES)
     agg.aggregate([Upload("0", _GOOD, 1)])  # registers a mask for values-only mutants
-    r = agg.aggregate([Upload("0", bytes(payload) + tail, 1)])
+    mutant = resign(bytes(payload) + tail)
+    r = agg.aggregate([Upload("0", mutant, 1)])
     if r.rejected:
         assert r.rejected["0"].startswith("client 0: ")
     else:  # a mutation that survives every check is still a well-formed update of the model
         assert all(agg.global_tv[n].shape == SHAPES[n] for n in agg.global_tv)
         assert all(torch.isfinite(t.values).all() for t in agg.global_tv.values())
+        assert all(float(t.values.abs().max()) <= 2 * MAX_UPDATE_ABS for t in agg.global_tv.values() if t.nnz)
