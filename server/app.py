@@ -20,7 +20,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_lota import report
+from fl_lota import reaper, report
 from fl_lota.checkpoint import load_checkpoint
 from fl_lota.models import param_shapes
 from fl_lota.precheck import check_run
@@ -55,6 +55,9 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float = NODE_WAIT_SECONDS) 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # in simulation this process also drives Ray: if it is killed hard, the watchdog stops
+    # the Ray processes it started (they would otherwise run on, holding memory)
+    reaper.watch()
     cfg = RunConfig.from_run_config(context.run_config)
     out = results_dir(cfg)
     ckpt_dir = out / "checkpoint"

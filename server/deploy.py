@@ -3,6 +3,7 @@
     python -m server.deploy creds  --out /abs/creds --nodes 4 [--san 10.0.0.5]
     python -m server.deploy local  --creds /abs/creds --nodes 2 --conf sims/heterogeneous_tasks/conf/tiny.toml \\
                                    [--set key=value ...] [--workdir /abs/work]
+    python -m server.deploy probe  --superlink host:9092 (--root-certificates /abs/ca.crt | --insecure)
 
 ``creds`` writes a development CA, a SuperLink TLS certificate (for localhost, 127.0.0.1 and
 each ``--san``) and one EC P-384 key pair per SuperNode (OpenSSH public key, PEM private
@@ -15,6 +16,12 @@ as separate processes on 127.0.0.1, each SuperNode given its partition with
 ``--node-config``, registers the SuperNodes' public keys, runs the app with ``flwr run``,
 checks the run completed, and stops every process it started, whatever happens.
 The README's "Running across machines" section gives the same commands for several hosts.
+
+``probe`` says, from a SuperNode's machine, why a SuperNode started with the same
+``--superlink`` and ``--root-certificates``/``--insecure`` would not connect: nothing listens
+there, TLS on one side only, or a certificate the given CA does not verify (a SuperNode
+itself retries such connections silently). It cannot check SuperNode keys: a key the
+SuperLink does not know shows only in the SuperLink's log.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import ipaddress
 import json
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -34,7 +43,7 @@ from pathlib import Path
 
 from fl_lota.launch import RunFailed, executable, free_port, run_status, toml_overrides
 
-__all__ = ["Federation", "write_creds"]
+__all__ = ["Federation", "probe_superlink", "write_creds"]
 
 
 def write_creds(out: str | Path, nodes: int, sans: tuple[str, ...] = ()) -> Path:
@@ -107,6 +116,56 @@ def write_creds(out: str | Path, nodes: int, sans: tuple[str, ...] = ()) -> Path
         pub = k.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         write(out / f"supernode-{i}.pub", pub + b"\n")
     return out
+
+
+def probe_superlink(
+    address: str, root_certificates: str | Path | None = None, *, insecure: bool = False, timeout: float = 5.0
+) -> str | None:
+    """Why a SuperNode started with ``--superlink address`` and these TLS settings cannot
+    reach the SuperLink, or None when the connection and TLS agree."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return f"{address!r} is not host:port"
+    host = host.strip("[]")
+    if root_certificates is not None and not Path(root_certificates).is_file():
+        return f"the root certificates file {root_certificates} does not exist"
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except OSError as e:
+        return (
+            f"nothing answers at {address} ({e.strerror or e}): is the SuperLink running, "
+            "are the host and port right, does a firewall block the port?"
+        )
+    if root_certificates is not None:
+        ctx = ssl.create_default_context(cafile=str(root_certificates))
+    else:  # only to learn whether the other side speaks TLS at all
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with ctx.wrap_socket(sock, server_hostname=host):
+            speaks_tls = True
+    except ssl.SSLCertVerificationError as e:
+        return (
+            f"the SuperLink at {address} serves TLS with a certificate that {root_certificates} does not accept "
+            f"({e.verify_message}): pass the CA that signed the SuperLink's certificate as --root-certificates, "
+            "and reach the SuperLink by a name or IP its certificate lists"
+        )
+    except (ssl.SSLError, OSError):
+        speaks_tls = False
+    finally:
+        sock.close()
+    if speaks_tls and insecure:
+        return (
+            f"the SuperLink at {address} serves TLS but the SuperNode is started with --insecure: "
+            "start it with --root-certificates <the CA that signed the SuperLink's certificate>"
+        )
+    if not speaks_tls and not insecure:
+        return (
+            f"the SuperLink at {address} does not speak TLS (started with --insecure?): start the SuperNode "
+            "with --insecure too, or give the SuperLink --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile"
+        )
+    return None
 
 
 @dataclass
@@ -212,11 +271,14 @@ class Federation:
                 return
             time.sleep(1.0)
         late = [i for i, n in enumerate(self.node_ids) if status.get(n) != "online"]
+        why = probe_superlink(f"127.0.0.1:{self.port}", self.creds / "ca.crt")
         raise RuntimeError(
-            f"SuperNode(s) {late} did not connect to the SuperLink at 127.0.0.1:{self.port} within {wait:.0f} s "
+            (f"{why}\n" if why else "")
+            + f"SuperNode(s) {late} did not connect to the SuperLink at 127.0.0.1:{self.port} within {wait:.0f} s "
             f"(status: {[status.get(self.node_ids[i], 'unknown') for i in late]}). A SuperNode retries silently when "
             "TLS does not match (its --root-certificates must be the CA that signed the SuperLink's certificate), "
-            "when its key was not registered (flwr supernode register), or when the address is wrong. "
+            "when its key was not registered (flwr supernode register), or when the address is wrong "
+            "('python -m server.deploy probe' checks the first and the last). "
             + "".join(f"\nsupernode-{i}.log ends:\n{self.log(f'supernode-{i}.log')[-1200:]}" for i in late)
         )
 
@@ -297,7 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     loc.add_argument("--conf", help="run-config TOML file")
     loc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     loc.add_argument("--workdir", help="logs and state (default: a temporary folder)")
+    pr = sub.add_parser("probe", help="why a SuperNode with these settings would not reach the SuperLink")
+    pr.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    tls = pr.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--root-certificates", metavar="CA_PEM")
+    tls.add_argument("--insecure", action="store_true")
     args = ap.parse_args(argv)
+    if args.cmd == "probe":
+        why = probe_superlink(args.superlink, args.root_certificates, insecure=args.insecure)
+        print(why or f"{args.superlink}: reachable, and TLS agrees (SuperNode keys are not checked)")
+        return 1 if why else 0
     if args.cmd == "creds":
         print(write_creds(args.out, args.nodes, tuple(args.san)))
         return 0

@@ -3,6 +3,9 @@ with TLS and SuperNode authentication, two rounds, and every process stopped aft
 
 from __future__ import annotations
 
+import socket
+import ssl
+import threading
 import tomllib
 from pathlib import Path
 
@@ -11,7 +14,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from fl_lota.report import read_rows
-from server.deploy import Federation, write_creds
+from server.deploy import Federation, main, probe_superlink, write_creds
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "sims" / "heterogeneous_tasks"
@@ -40,6 +43,10 @@ def test_two_rounds_on_the_deployment_engine(tmp_path):
     out = tmp_path / "results"
     fed = Federation(creds, 2, tmp_path / "work")
     with fed:
+        # what a SuperNode's machine can check before it starts: the real SuperLink serves TLS
+        address = f"127.0.0.1:{fed.port}"
+        assert probe_superlink(address, creds / "ca.crt") is None
+        assert "serves TLS but the SuperNode is started with --insecure" in probe_superlink(address, insecure=True)
         status = fed.run(APP, conf | {"results-dir": str(out)}, timeout=900)
         assert status["status"] == "finished:completed"
         assert status["network-traffic"]["total-bytes"] > 0  # the messages crossed the network
@@ -48,3 +55,61 @@ def test_two_rounds_on_the_deployment_engine(tmp_path):
     assert [r["round"] for r in rows] == [1, 2]
     assert sorted(c["partition"] for c in rows[0]["clients"]) == [0, 1]  # partitions from --node-config
     assert all(c["values_only"] for c in rows[1]["clients"])
+
+
+def _serve(sock, context=None) -> None:
+    """Accept connections on ``sock`` (TLS when ``context``) until it is closed."""
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        try:
+            if context is not None:
+                conn = context.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError):
+            pass
+        finally:
+            conn.close()
+
+
+@pytest.fixture()
+def listeners(tmp_path):
+    """A TLS listener with the dev SuperLink certificate and a plaintext one, on loopback."""
+    creds = write_creds(tmp_path / "creds", 1)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(creds / "server.pem", creds / "server.key")
+    socks = []
+    for context in (ctx, None):
+        s = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=_serve, args=(s, context), daemon=True).start()
+        socks.append(s)
+    yield creds, *(f"127.0.0.1:{s.getsockname()[1]}" for s in socks)
+    for s in socks:
+        s.close()
+
+
+def test_probe_names_why_a_supernode_would_not_connect(listeners, tmp_path, capsys):
+    creds, tls, plain = listeners
+    other_ca = write_creds(tmp_path / "other", 1) / "ca.crt"
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_address = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    assert probe_superlink(tls, creds / "ca.crt") is None
+    assert probe_superlink(plain, insecure=True) is None
+    cases = [
+        ((tls, None), {"insecure": True}, "serves TLS but the SuperNode is started with --insecure"),
+        ((tls, other_ca), {}, "does not accept"),
+        ((tls.replace("127.0.0.1", "localhost"), creds / "ca.crt"), {}, None),  # a name the certificate lists
+        ((plain, creds / "ca.crt"), {}, "does not speak TLS"),
+        ((closed_address, creds / "ca.crt"), {}, "nothing answers"),
+        ((tls, tmp_path / "missing.crt"), {}, "does not exist"),
+        (("no-port", None), {"insecure": True}, "not host:port"),
+    ]
+    for args, kw, needle in cases:
+        why = probe_superlink(*args, **kw)
+        assert (why is None) if needle is None else (needle in why), (args, why)
+    # the command a SuperNode's operator runs: exit 1 and the reason, exit 0 when all agrees
+    assert main(["probe", "--superlink", tls, "--insecure"]) == 1
+    assert "--root-certificates" in capsys.readouterr().out
+    assert main(["probe", "--superlink", tls, "--root-certificates", str(creds / "ca.crt")]) == 0

@@ -75,11 +75,16 @@ def test_a_failed_run_is_reported_with_flowers_reason(flwr_home, tmp_path, capsy
             federation_config=FED,
             flwr_home=flwr_home,
         )
-    # the README's command: a run that fails inside Flower exits non-zero with the reason
-    argv = ["run", "--app", str(APP), "--conf", str(TINY), "--flwr-home", str(flwr_home)]
-    assert cli_main([*argv, "--set", f"model={tmp_path / 'no-model'}"]) == 2
+    # the README's command: a run in which one client fails every round is a failed run (its
+    # task would be missing from the summary), exits non-zero and says which node and why
+    app = _faulty_app(tmp_path, {1, 2})
+    argv = ["run", "--app", str(app), "--conf", str(TINY), "--flwr-home", str(flwr_home)]
+    assert cli_main([*argv, "--set", f"results-dir={tmp_path / 'results'}"]) == 2
     err = capsys.readouterr().err
-    assert "ended as finished:failed" in err and "cannot load model" in err
+    assert "ended as finished:failed" in err and "every upload failed or was refused" in err
+    assert "injected failure in round 2" in err  # the last reason recorded for that node
+    rows = read_rows(tmp_path / "results" / "metrics.jsonl")
+    assert [r["accepted"] for r in rows] == [1, 1]  # the other client's rounds are kept
 
 
 def test_compare_runs_each_merge_as_its_own_federation_and_resumes(flwr_home, tmp_path, capsys):
@@ -172,6 +177,8 @@ def test_flwr_run_with_custom_task_files(flwr_home, tmp_path):
 FAULTY = """
 from flwr.clientapp import ClientApp
 
+FAIL_ROUNDS = {rounds}
+
 from clients import app as real
 
 app = ClientApp()
@@ -179,8 +186,9 @@ app = ClientApp()
 
 @app.train()
 def train(msg, context):
-    if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) == 2:
-        raise RuntimeError("injected failure in round 2")
+    server_round = int(msg.content["config"]["server-round"])
+    if int(context.node_config["partition-id"]) == 1 and server_round in FAIL_ROUNDS:
+        raise RuntimeError(f"injected failure in round {server_round}")
     return real.train(msg, context)
 
 
@@ -190,12 +198,18 @@ def evaluate(msg, context):
 """
 
 
-def test_a_client_failing_mid_run_does_not_stop_the_run(flwr_home, tmp_path):
+def _faulty_app(tmp_path: Path, rounds: set[int]) -> Path:
+    """The app with a ClientApp whose partition 1 raises in ``rounds``."""
     app = tmp_path / "faulty_app"
     app.mkdir()
     text = (APP / "pyproject.toml").read_text().replace('"clients.app:app"', '"faulty_client:app"')
     (app / "pyproject.toml").write_text(text.replace('name = "heterogeneous-tasks"', 'name = "faulty-app"'))
-    (app / "faulty_client.py").write_text(FAULTY)
+    (app / "faulty_client.py").write_text(FAULTY.replace("{rounds}", repr(rounds)))
+    return app
+
+
+def test_a_client_failing_mid_run_does_not_stop_the_run(flwr_home, tmp_path):
+    app = _faulty_app(tmp_path, {2})
     out = tmp_path / "results"
     launch(
         app,
@@ -218,6 +232,7 @@ def _comparable(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         r = {k: v for k, v in r.items() if k not in ("seconds", "failures", "rejected")}
+        r["downlink_by_node"] = sorted(r.get("downlink_by_node", {}).values())
         r["clients"] = sorted(
             (
                 {k: v for k, v in c.items() if not k.endswith("seconds") and k not in ("node", "metrics")}
@@ -269,3 +284,80 @@ def test_an_interrupted_run_resumes_to_the_same_result(flwr_home, tmp_path):
             federation_config=FED,
             flwr_home=flwr_home,
         )
+
+
+def _simulation_below(flwr_home: Path):
+    """The ``flwr-simulation`` process (ServerApp and Ray driver) of ``flwr_home``'s SuperLink."""
+    import psutil
+
+    marker = str(flwr_home / "local-superlink")
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "flwr-simulation" in " ".join(proc.info["cmdline"] or []) and any(
+                marker in " ".join(p.cmdline()) for p in proc.parents()
+            ):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def test_a_serverapp_killed_hard_leaves_no_ray_processes(flwr_home, tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            launch(
+                APP,
+                config_file=TINY,
+                run_config={"results-dir": str(tmp_path / "results"), "num-server-rounds": 50},
+                federation_config=FED,
+                flwr_home=flwr_home,
+                echo=False,
+            )
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline, sim, seen = time.monotonic() + 300, None, {}
+    while time.monotonic() < deadline:  # until Ray's workers run below the ServerApp
+        sim = _simulation_below(flwr_home)
+        if sim is not None:
+            try:
+                kids = sim.children(recursive=True)
+                seen = {p.pid: p.create_time() for p in kids}
+                if any(p.name().startswith("ray::") or "default_worker" in " ".join(p.cmdline()) for p in kids):
+                    break
+            except psutil.Error:
+                pass
+        time.sleep(1)
+    assert sim is not None and seen, "the simulation never started its Ray workers"
+    time.sleep(2)  # the watchdog samples every second
+    seen |= {p.pid: p.create_time() for p in sim.children(recursive=True)}
+    os.kill(sim.pid, signal.SIGKILL)
+
+    def left() -> list[str]:
+        out = []
+        for pid, born in seen.items():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() == born and p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{pid} {p.name()}")
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    stop_by = time.monotonic() + 30
+    while left() and time.monotonic() < stop_by:
+        time.sleep(1)
+    assert left() == [], "processes of the killed ServerApp still run"
+    thread.join(timeout=300)
+    assert isinstance(outcome.get("error"), RunFailed)  # the run is reported failed, not left hanging

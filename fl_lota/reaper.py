@@ -1,0 +1,102 @@
+"""Stop what a process leaves running when it dies without cleaning up.
+
+Flower's simulation engine starts Ray (its GCS, raylet, agents and the ClientApp workers)
+from the process that runs the ServerApp. When that process is killed hard (``kill -9``, the
+OOM killer), Ray cannot shut down: its agents and workers are reparented and keep running,
+holding memory. ``watch()`` starts a small detached watchdog that records the descendants of a
+process every ``interval`` seconds and, once that process is gone, terminates the ones it
+recorded that still run (SIGTERM, then SIGKILL after ``grace`` seconds). A process is matched
+by its PID and start time, so a PID reused by an unrelated program is never touched.
+
+    python -m fl_lota.reaper PID [--interval 1] [--grace 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+
+
+def watch(pid: int | None = None, *, interval: float = 1.0, grace: float = 5.0) -> subprocess.Popen:
+    """Start the watchdog for ``pid`` (this process by default) and return its handle. It
+    runs in its own session, so signals sent to this process's group do not reach it."""
+    pid = os.getpid() if pid is None else pid
+    cmd = [sys.executable, "-m", "fl_lota.reaper", str(pid), "--interval", str(interval), "--grace", str(grace)]
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def follow(pid: int, *, interval: float = 1.0) -> dict[int, float]:
+    """Record ``pid``'s descendants (PID -> start time) until ``pid`` ends; returns them."""
+    seen: dict[int, float] = {}
+    try:
+        target = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return seen
+    me = os.getpid()
+    while _alive(target):
+        try:
+            children = target.children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        for child in children:
+            if child.pid == me:
+                continue
+            with contextlib.suppress(psutil.NoSuchProcess):
+                seen[child.pid] = child.create_time()
+        time.sleep(interval)
+    return seen
+
+
+def stop(seen: dict[int, float], *, grace: float = 5.0) -> list[int]:
+    """Terminate the recorded processes that still run (same PID and start time); kill the
+    ones that outlive ``grace`` seconds. Returns the PIDs signalled."""
+    procs = []
+    for pid, born in seen.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == born and _alive(proc):
+                procs.append(proc)
+        except psutil.Error:
+            continue
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [p.pid for p in procs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fl_lota.reaper", description=__doc__.split("\n\n")[0])
+    parser.add_argument("pid", type=int)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--grace", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    stop(follow(args.pid, interval=args.interval), grace=args.grace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
