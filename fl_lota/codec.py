@@ -69,6 +69,9 @@ MAX_NUMEL = 1 << 40  # per tensor: far above any real weight matrix
 MAX_TENSORS = 1 << 20
 MAX_ENTRIES = 1 << 31  # default cap on a payload's total kept entries (decode's max_entries)
 FLAG_DENSE = 1
+MAX_WINDOW_LOG = 21  # zstd window (2 MiB) a receiver allocates per stream at most; level 1 uses 512 KiB
+CHUNK = 1 << 20  # entries decoded and checked at a time
+MAX_EXPANSION = 16  # decoded bytes per payload byte above which decode checks before it keeps
 
 
 class CodecError(ValueError):
@@ -154,7 +157,7 @@ def _bytes_to_values(planes: bytes, n: int, dtype_code: int) -> torch.Tensor:
     k = _PLANES[dtype_code]
     arr = np.frombuffer(planes, dtype=np.uint8).reshape(k, n).T.copy()
     if dtype_code == 0:
-        return torch.from_numpy(arr.view("<f4").reshape(-1).astype(np.float32))
+        return torch.from_numpy(arr.view("<f4").reshape(-1).astype(np.float32, copy=False))
     if dtype_code == 1:
         return torch.from_numpy(arr.view("<i2").reshape(-1).copy()).view(torch.bfloat16).float()
     return torch.from_numpy(arr.view(np.int8).reshape(-1).astype(np.float32))
@@ -216,7 +219,10 @@ def encode(
         table.append(struct.pack("<H", len(nb)) + nb + struct.pack(f"<B{len(t.shape)}Q", len(t.shape), *t.shape))
         table.append(struct.pack("<BQf", flags, t.nnz, scale))
 
-    cctx = zstandard.ZstdCompressor(level=level)
+    params = zstandard.ZstdCompressionParameters.from_level(level)
+    if params.window_log > MAX_WINDOW_LOG:  # a receiver refuses frames that need a larger window
+        params = zstandard.ZstdCompressionParameters.from_level(level, window_log=MAX_WINDOW_LOG)
+    cctx = zstandard.ZstdCompressor(compression_params=params)
     streams = []
     if not values_only:
         streams.append(np.concatenate(codes_parts).tobytes() if codes_parts else b"")
@@ -282,34 +288,76 @@ class _Reader:
         s = struct.Struct(fmt)
         return s.unpack(self.take(s.size, what))
 
-    def stream(self, expected: int, what: str) -> bytes:
+    def frame(self, expected: int | None, what: str, *, multiple: int = 1, at_most: int = 0) -> _Inflater:
         """One stream: its two lengths, then exactly one zstd frame that declares and holds
-        exactly ``expected`` bytes, and nothing after it. The declared size is checked
-        before anything is allocated, and decompression writes into a buffer of that size,
-        so no frame can expand past what the (already checked) tensor table implies."""
+        exactly ``expected`` bytes (or, when ``expected`` is None, a multiple of ``multiple``
+        up to ``at_most``), and nothing after it. Only headers are read here: the frame is
+        decompressed later, piece by piece, so no frame can expand past what the (already
+        checked) tensor table implies, and not all at once."""
         raw_len, comp_len = self.unpack("<QQ", f"{what} stream header")
-        if raw_len != expected:
+        if expected is None:
+            if raw_len % multiple or raw_len > at_most:
+                raise CodecError(f"{what} stream holds {raw_len:,} bytes, impossible for this tensor table")
+        elif raw_len != expected:
             raise CodecError(f"{what} stream holds {raw_len:,} bytes, the tensor table implies {expected:,}")
-        comp = bytes(self.take(comp_len, f"{what} stream"))
+        comp = self.take(comp_len, f"{what} stream")
         try:
             declared = zstandard.frame_content_size(comp)
         except zstandard.ZstdError as e:
             raise CodecError(f"{what} stream is not a zstd frame: {e}") from None
-        if declared != expected:
+        if declared != raw_len:
             said = "no size" if declared < 0 else f"{declared:,} bytes"
-            raise CodecError(f"{what} stream's zstd frame declares {said}, the tensor table implies {expected:,}")
+            raise CodecError(f"{what} stream's zstd frame declares {said}, the tensor table implies {raw_len:,}")
         length = _frame_length(comp, what)
         if length != len(comp):
             raise CodecError(f"{what} stream: {len(comp) - length:,} bytes after its zstd frame")
+        window = zstandard.get_frame_parameters(comp).window_size
+        if window > 1 << MAX_WINDOW_LOG:
+            raise CodecError(
+                f"{what} stream's zstd frame needs a {window:,}-byte window, "
+                f"more than the limit of {1 << MAX_WINDOW_LOG:,}"
+            )
+        return _Inflater(comp, raw_len, what)
+
+
+class _Inflater:
+    """Reads a checked zstd frame in pieces: never more than the frame declares, and the
+    frame must end (checksum included) exactly when its declared bytes are read."""
+
+    def __init__(self, comp: memoryview, size: int, what: str) -> None:
+        self.comp, self.size, self.what = comp, size, what
+        self.rewind()
+
+    def rewind(self) -> None:
+        dctx = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
+        self._src = dctx.stream_reader(self.comp, read_across_frames=False)
+        self.left = self.size
+
+    def read(self, n: int) -> memoryview:
+        if n > self.left:
+            raise CodecError(f"{self.what} stream holds fewer bytes than the tensor table needs")
+        buf = memoryview(bytearray(n))
+        got = 0
         try:
-            out = zstandard.ZstdDecompressor().decompress(comp, max_output_size=max(expected, 1))
+            while got < n:
+                k = self._src.readinto(buf[got:])
+                if k == 0:
+                    raise CodecError(f"{self.what} stream ends before the {self.size:,} bytes its frame declares")
+                got += k
         except zstandard.ZstdError as e:
-            raise CodecError(f"{what} stream does not decompress: {e}") from None
-        except MemoryError:
-            raise CodecError(f"{what} stream: out of memory for {expected:,} bytes") from None
-        if len(out) != expected:
-            raise CodecError(f"{what} stream decompressed to {len(out):,} bytes, expected {expected:,}")
-        return out
+            raise CodecError(f"{self.what} stream does not decompress: {e}") from None
+        self.left -= n
+        return buf
+
+    def close(self) -> None:
+        if self.left:
+            raise CodecError(f"{self.what} stream holds {self.left:,} bytes that no tensor uses")
+        try:
+            extra = self._src.read(1)  # reads the frame's end, and checks its checksum
+        except zstandard.ZstdError as e:
+            raise CodecError(f"{self.what} stream does not decompress: {e}") from None
+        if extra:
+            raise CodecError(f"{self.what} stream decompresses past the size its frame declares")
 
 
 def _frame_length(comp: bytes, what: str) -> int:
@@ -405,48 +453,95 @@ def decode(
     total_nnz = sum(e[3] for e in entries)
     if total_nnz > max_entries:
         raise CodecError(f"payload announces {total_nnz:,} entries, more than the limit of {max_entries:,}")
-    indices: list[torch.Tensor | None] = []
-    if head.values_only:
-        indices = [layout[e[0]].indices for e in entries]
-    else:
-        codes = np.frombuffer(r.stream(sparse_nnz, "gap codes"), dtype=np.uint8)
-        n_big = int((codes == ESCAPE).sum())
-        big = np.frombuffer(r.stream(8 * n_big, "escaped gaps"), dtype="<u8")
-        if n_big and (big.min() < ESCAPE or big.max() >= MAX_NUMEL):
-            raise CodecError("escaped gap out of range")
-        gaps = codes.astype(np.int64)
-        gaps[codes == ESCAPE] = big.astype(np.int64)
-        start = 0
-        for name, shape, dense, nnz, _ in entries:
-            if dense:
-                indices.append(None)
-                continue
-            g = gaps[start : start + nnz]
-            start += nnz
-            numel = math.prod(shape)
-            if nnz and int(g.max()) >= numel:
-                raise CodecError(f"{name}: a gap of {int(g.max()):,} leaves the tensor of {numel:,} entries")
-            idx = np.cumsum(g + 1) - 1  # gaps < numel <= 2^40 each: a wrap past 2^63 shows as a decrease
-            if nnz and (idx[0] < 0 or idx[-1] >= numel or (nnz > 1 and not (np.diff(idx) > 0).all())):
-                raise CodecError(f"{name}: indices out of range or not increasing for shape {shape}")
-            indices.append(torch.from_numpy(idx))
+    codes = escapes = None
+    if not head.values_only:
+        codes = r.frame(sparse_nnz, "gap codes")
+        escapes = r.frame(None, "escaped gaps", multiple=8, at_most=8 * sparse_nnz)
     dcode = VALUE_DTYPES[head.value_dtype]
-    planes = b"".join(r.stream(total_nnz, f"value plane {i}") for i in range(_PLANES[dcode]))
+    planes = [r.frame(total_nnz, f"value plane {i}") for i in range(_PLANES[dcode])]
     if r.pos != len(r.buf):
         raise CodecError(f"{len(r.buf) - r.pos} trailing bytes after the last stream")
+    walk = _Walk(entries, layout, codes, escapes, planes, dcode, max_abs)
+    # What the tensors take once decoded. A payload that expands far beyond its own size is
+    # checked whole, one tensor at a time, before anything is kept, so rejecting it costs
+    # its own size plus one tensor; a payload of ordinary compression is decoded in one pass.
+    decoded = sum(nnz * (4 if (dense or head.values_only) else 12) for _, _, dense, nnz, _ in entries)
     try:
-        vals = _bytes_to_values(planes, total_nnz, dcode)
+        if decoded > MAX_EXPANSION * len(r.buf):
+            walk.run(keep=False)
+        return SparseTaskVector(walk.run(keep=True))
     except MemoryError:
-        raise CodecError(f"out of memory for {total_nnz:,} values") from None
-    out, start = {}, 0
-    for (name, shape, _dense, nnz, scale), idx in zip(entries, indices, strict=True):
-        v = vals[start : start + nnz]
-        start += nnz
-        if dcode == 2:
+        raise CodecError(f"out of memory decoding {total_nnz:,} entries") from None
+
+
+class _Walk:
+    """Decodes a payload's tensors from its streams, one piece of at most ``CHUNK`` entries
+    at a time, checking each piece; only the decoded tensors themselves are kept."""
+
+    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs) -> None:
+        self.entries, self.layout, self.dcode, self.max_abs = entries, layout, dcode, max_abs
+        self.codes, self.escapes, self.planes = codes, escapes, planes
+        self.streams = [x for x in (codes, escapes, *planes) if x is not None]
+
+    def _indices(self, name: str, numel: int, n: int, last: int) -> np.ndarray:
+        """The next ``n`` indices of a sparse tensor, after index ``last``."""
+        codes = np.frombuffer(self.codes.read(n), dtype=np.uint8)
+        escaped = codes == ESCAPE
+        n_big = int(escaped.sum())
+        big = np.frombuffer(self.escapes.read(8 * n_big), dtype="<u8")
+        if n_big and (big.min() < ESCAPE or big.max() >= MAX_NUMEL):
+            raise CodecError(f"{name}: escaped gap out of range")
+        idx = codes.astype(np.int64)
+        idx[escaped] = big.astype(np.int64)
+        if int(idx.max()) >= numel:
+            raise CodecError(f"{name}: a gap of {int(idx.max()):,} leaves the tensor of {numel:,} entries")
+        # index = previous index + gap + 1. Each gap < numel <= 2^40 and a piece holds at most
+        # 2^20 of them, so the sums stay below 2^63 and strictly increase
+        idx += 1
+        np.cumsum(idx, out=idx)
+        idx += last
+        if int(idx[-1]) >= numel:
+            raise CodecError(f"{name}: indices run past the tensor of {numel:,} entries")
+        return idx
+
+    def _values(self, name: str, n: int, scale: float) -> torch.Tensor:
+        v = _bytes_to_values(b"".join(p.read(n) for p in self.planes), n, self.dcode)
+        if self.dcode == 2:
             v = v * scale  # the scale can make finite int8 codes infinite: check after it
         if not torch.isfinite(v).all():
             raise CodecError(f"{name}: values hold NaN or Inf")
-        if max_abs is not None and v.numel() and float(v.abs().max()) > max_abs:
-            raise CodecError(f"{name}: a value of magnitude {float(v.abs().max()):.3g} exceeds the limit {max_abs:g}")
-        out[name] = SparseTensor(shape, idx, v)
-    return SparseTaskVector(out)
+        if self.max_abs is not None and n and float(v.abs().max()) > self.max_abs:
+            raise CodecError(
+                f"{name}: a value of magnitude {float(v.abs().max()):.3g} exceeds the limit {self.max_abs:g}"
+            )
+        return v
+
+    def run(self, *, keep: bool) -> dict[str, SparseTensor]:
+        for stream in self.streams:
+            stream.rewind()
+        out = {}
+        for name, shape, dense, nnz, scale in self.entries:
+            numel = math.prod(shape)
+            sparse = self.layout is None and not dense
+            idx = np.empty(nnz, dtype=np.int64) if (keep and sparse) else None
+            vals = torch.empty(nnz, dtype=torch.float32) if keep else None
+            last = -1
+            for lo in range(0, nnz, CHUNK):
+                n = min(CHUNK, nnz - lo)
+                if sparse:
+                    piece = self._indices(name, numel, n, last)
+                    last = int(piece[-1])
+                    if keep:
+                        idx[lo : lo + n] = piece
+                v = self._values(name, n, scale)
+                if keep:
+                    vals[lo : lo + n] = v
+            if keep:
+                if self.layout is not None:
+                    indices = self.layout[name].indices
+                else:
+                    indices = None if dense else torch.from_numpy(idx)
+                out[name] = SparseTensor(shape, indices, vals)
+        for stream in self.streams:
+            stream.close()
+        return out

@@ -211,7 +211,7 @@ def test_indices_out_of_range():
     data = bytearray(encode(tv, values="float32"))
     _, dims_off, _ = _table_offsets(data)
     struct.pack_into("<Q", data, dims_off, 60)
-    with pytest.raises(CodecError, match="out of range"):
+    with pytest.raises(CodecError, match="out of range|run past the tensor"):
         decode(resign(data))
 
 
@@ -403,3 +403,49 @@ def test_int8_scale_that_overflows_and_oversized_values_are_refused():
     with pytest.raises(CodecError, match="exceeds the limit"):
         decode(encode(big, values="float32"), max_abs=1e4)
     assert decode(encode(big, values="float32"), max_abs=1e5)["w"].values[1] == 5e4
+
+
+def _table(shapes: dict[str, int], dense: bool) -> bytes:
+    out = struct.pack("<I", len(shapes))
+    for name, n in shapes.items():
+        nb = name.encode()
+        out += struct.pack("<H", len(nb)) + nb + struct.pack("<BQ", 1, n) + struct.pack("<BQf", int(dense), n, 1.0)
+    return out
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_rejecting_a_tiny_upload_that_claims_a_large_model_costs_little_memory(dense):
+    # 32 tensors of 2 Mi entries (a 268 MB float32 "model"): every stream is zeros, which
+    # compresses to a few KB, but for one NaN in the very last value
+    shapes = {f"w{i}": 1 << 21 for i in range(32)}
+    total = sum(shapes.values())
+    z = zstandard.ZstdCompressor(level=3)  # a 2 MiB window, the most a receiver allows
+
+    def stream(raw: bytes) -> bytes:
+        comp = z.compress(raw)
+        return struct.pack("<QQ", len(raw), len(comp)) + comp
+
+    streams = [stream(b""), stream(b"")] if dense else [stream(bytes(total)), stream(b"")]
+    for byte in (0, 0, 0xC0, 0x7F):  # float32 NaN, little-endian byte planes
+        plane = bytearray(total)
+        plane[-1] = byte
+        streams.append(stream(bytes(plane)))
+    data = _forge(_table(shapes, dense), streams)
+    assert len(data) < 20_000
+    _reset_peak()
+    before = _rss_peak_mb()
+    with pytest.raises(CodecError, match="w31: values hold NaN or Inf"):
+        decode(data, shapes={k: (v,) for k, v in shapes.items()})
+    # one 8 MB tensor, or the whole 268 MB model, would show here if decode kept what it read
+    assert _rss_peak_mb() - before < 64
+
+
+def test_a_frame_that_needs_a_large_window_is_refused_before_decompressing():
+    n = 1 << 24
+    comp = zstandard.ZstdCompressor(level=19).compress(bytes(n))
+    data = _forge(_dense_table(n), [_stream(b""), _stream(b"")] + [struct.pack("<QQ", n, len(comp)) + comp] * 4)
+    with pytest.raises(CodecError, match="needs a .*-byte window"):
+        decode(data)
+    # and what this codec writes at any level stays within the window a receiver allows
+    tv = SparseTaskVector({"w": SparseTensor((n,), None, torch.zeros(n))})
+    assert torch.equal(decode(encode(tv, values="float32", level=19))["w"].values, tv["w"].values)
