@@ -34,8 +34,12 @@ def fltv_array(payload: bytes) -> Array:
 def payloads(record: ArrayRecord) -> dict[str, bytes]:
     """``{"": primary, "<merge>": candidate, ...}`` from an ArrayRecord of FLTV Arrays.
     Raises ValueError on an Array that is not an FLTV payload."""
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"record 'arrays' is a {type(record).__name__}, not an ArrayRecord")
     out = {}
     for key, arr in record.items():
+        if not isinstance(arr, Array):
+            raise ValueError(f"array {key!r} is a {type(arr).__name__}, not an Array")
         if arr.stype != STYPE or not key.startswith(PAYLOAD):
             raise ValueError(f"array {key!r} is not an fl-lota payload (stype {arr.stype!r})")
         out[key[len(PAYLOAD) + 1 :]] = bytes(arr.data)

@@ -141,8 +141,10 @@ def _verify(round_dir: Path) -> None:
         raise CheckpointError(f"{round_dir}: no {MANIFEST}, so its files cannot be checked")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: not JSON") from None
+    if not isinstance(manifest, dict) or not all(isinstance(v, str) for v in manifest.values()):
+        raise CheckpointError(f"{path}: not a table of file names and sha256 digests")
     for name in ("state.json", "global.safetensors"):
         if name not in manifest:
             raise CheckpointError(f"{path} lists no {name}")
@@ -151,7 +153,10 @@ def _verify(round_dir: Path) -> None:
         if Path(name).name != name or not f.is_file():
             raise CheckpointError(f"{round_dir}: {name!r} listed in its manifest is missing")
         if _sha256(f) != digest:
-            raise CheckpointError(f"{f}: its sha256 differs from the manifest's: the file was changed or damaged")
+            raise CheckpointError(
+                f"{f}: its sha256 differs from the one {MANIFEST} lists: the file, or the manifest, "
+                "was changed or damaged"
+            )
 
 
 def _read(round_dir: Path) -> Checkpoint:

@@ -10,10 +10,13 @@ Masks and partitions are bound to the sender's identity (Flower's node id; on th
 deployment engine with SuperNode authentication, an authenticated key): the first node to
 report partition ``p`` owns it and registers its mask under its own id. Another node that
 reports ``p`` while the owner is online is refused; a node may not change its partition.
-When the owner is gone (a restarted server sees new node ids in simulation; a replaced
-machine), the next node that reports ``p`` takes it over, keeping the registered mask if
-its values-only upload was encoded against it (the mask's fingerprint), so a resumed run
-goes on exactly as an uninterrupted one would.
+When every owner is gone (a restarted simulation sees only new node ids), the next node
+that reports ``p`` takes it over, keeping the registered mask if its values-only upload was
+encoded against it (the mask's fingerprint), so a resumed run goes on exactly as an
+uninterrupted one would. While other owners are online (the deployment engine, where
+authenticated node ids persist), an offline owner's partition is taken over only by a
+values-only upload encoded against that owner's registered mask: a node that merely claims
+the partition is refused, and the owner keeps it when it returns.
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ class RoundMerge:
     global_bytes: int
     candidate_bytes: dict[str, int]
     merge_error: str | None = None  # the merge failed: G unchanged this round
+    # what the server measured of each accepted upload (not what the client claims):
+    # payload_bytes, values_only, nnz (values sent), numel (entries of the dense update they
+    # stand for), index_entropy_bytes (the entropy bound of a full upload's mask)
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 class Aggregator:
@@ -92,6 +99,7 @@ class Aggregator:
         self.masks: dict[str, SparseTaskVector] = {}  # node -> registered layout
         self.owners: dict[int, str] = {}  # partition -> the node that owns it
         self.candidates: dict[str, bytes] = {}  # merge name -> G_m payload (scored, not kept)
+        self._measured: dict[str, dict[str, float]] = {}  # this round's uploads, as decoded
 
     def restore(
         self, global_tv: SparseTaskVector, masks: Mapping[str, SparseTaskVector], owners: Mapping[int, str]
@@ -124,6 +132,9 @@ class Aggregator:
             )
         return owner
 
+    def _others_online(self, gone: str, online: set[str] | None) -> bool:
+        return online is not None and any(n in online for n in self.owners.values() if n != gone)
+
     def _bind(self, up: Upload, gone: str | None, layout: SparseTaskVector | None) -> None:
         if gone is not None:
             self.masks.pop(gone, None)
@@ -145,14 +156,21 @@ class Aggregator:
         )
         try:
             head = codec.peek(up.payload, max_bytes=self.cfg.max_upload_bytes)
-            if head.values_only:
+            if gone is not None and self._others_online(gone, online):
+                if not head.values_only or gone not in self.masks:
+                    raise UploadError(
+                        f"client {up.client}: reports partition {up.partition} of node {gone}, which is offline "
+                        "while other clients are online; only an upload encoded against that node's registered "
+                        "mask (values-only, from its client-state-dir) may take it over"
+                    )
+                mask = self.masks[gone]
+            elif head.values_only:
                 mask = self.masks.get(up.client) or (self.masks.get(gone) if gone is not None else None)
                 if mask is None:
                     raise UploadError(f"client {up.client}: values-only upload but no mask registered")
-                tv = codec.decode(up.payload, mask=mask, **limits)
-                self._bind(up, gone, mask)
-                return self._clip(tv)
-            tv = codec.decode(up.payload, **limits)
+            else:
+                mask = None
+            tv = codec.decode(up.payload, mask=mask, **limits)  # mask: None for a full upload
         except codec.CodecError as e:
             raise UploadError(f"client {up.client}: {e}") from None
         layout = tv
@@ -161,9 +179,30 @@ class Aggregator:
                 tv = lowrank.expand(tv)
             except ValueError as e:
                 raise UploadError(f"client {up.client}: {e}") from None
-        self._check_against_model(up.client, tv)
-        self._bind(up, gone, layout if self.cfg.method == "lota" else None)
+        if not head.values_only:
+            self._check_against_model(up.client, tv)
+        self._measure(up, head.values_only, layout, tv)
+        self._bind(up, gone, mask if head.values_only else (layout if self.cfg.method == "lota" else None))
         return self._clip(tv)
+
+    def _measure(self, up: Upload, values_only: bool, layout: SparseTaskVector, tv: SparseTaskVector) -> None:
+        """Record what the upload holds; a client whose report disagrees is refused (its
+        books would be wrong even when its update is not)."""
+        m = {
+            "payload_bytes": len(up.payload),
+            "values_only": values_only,
+            "nnz": layout.nnz,
+            "numel": tv.numel,
+            "index_entropy_bytes": 0.0
+            if values_only
+            else sum(codec.index_entropy_bits(t.numel, t.nnz) for t in layout.values() if not t.is_dense) / 8,
+        }
+        for key, field_name in (("payload_bytes", "payload-bytes"), ("nnz", "nnz"), ("values_only", "values-only")):
+            if field_name in up.metrics and up.metrics[field_name] != float(m[key]):
+                raise UploadError(
+                    f"client {up.client}: reports {field_name} {up.metrics[field_name]:g}, its upload holds {m[key]:g}"
+                )
+        self._measured[up.client] = m
 
     def _check_against_model(self, client: str, tv: SparseTaskVector) -> None:
         if self.shapes is None:
@@ -192,6 +231,7 @@ class Aggregator:
         the nodes connected now (partitions of nodes that are gone may be taken over)."""
         t0 = time.perf_counter()
         vectors, weights, accepted, rejected = [], [], [], {}
+        self._measured = {}
         for up in uploads:
             try:
                 vectors.append(self.decode(up, online))
@@ -234,4 +274,5 @@ class Aggregator:
             global_bytes=len(self.global_payload),
             candidate_bytes={k: len(v) for k, v in self.candidates.items()},
             merge_error=merge_error,
+            measured={c: self._measured[c] for c in accepted},
         )

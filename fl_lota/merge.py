@@ -12,7 +12,8 @@ Methods, one registry keyed by the names used in run configs:
 - ``ties``: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
   NeurIPS 2023: trim, elect sign, disjoint mean over agreeing nonzero entries, times lambda.
 - ``task_arithmetic``: Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023:
-  lambda * sum_i w_i * tau_i.
+  lambda * sum_i tau_i. Unweighted, as in the paper: the clients' weights (example counts)
+  would scale the sum by the data's size.
 - ``fedavg``: McMahan et al., 2017: sum_i w_i tau_i / sum_i w_i over *all* vectors.
 
 Work goes tensor by tensor: peak memory is the sparse inputs plus a few dense buffers the
@@ -157,7 +158,7 @@ def task_arithmetic(vectors, weights, *, lam: float = 1.0) -> SparseTaskVector:
         idx, vals = masked_mean(entries, w, numel, divisor="none")
         return idx, vals * lam
 
-    return _tensorwise(vectors, weights, one)
+    return _tensorwise(vectors, [1.0] * len(vectors), one)  # weights unused: see the module docstring
 
 
 @register("ties")

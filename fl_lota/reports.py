@@ -6,8 +6,8 @@ the merge. ``train_report`` and ``eval_report`` accept only what the protocol de
 (``fl_lota.fedclient`` writes it) and raise ``ReportError`` naming the field otherwise, so
 the server rejects that reply for its round and goes on.
 
-Bounds: counts are non-negative integers below 2^53 (exact in float64); seconds are finite
-and non-negative; scores lie in [0, 1]; the partition lies in the federation; the weight
+Bounds: counts are non-negative integers below 2^53 (exact in float64); seconds lie in
+[0, 10^7] (so sums stay finite); scores lie in [0, 1]; the partition lies in the federation; the weight
 (``num-examples``) lies in [1, ``max_examples``], the most examples any client of this
 federation can hold, so no client can claim more than its share.
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 __all__ = ["EvalReport", "ReportError", "TrainReport", "eval_report", "train_report"]
 
 MAX_COUNT = 2**53
+MAX_SECONDS = 1e7  # 115 days
 
 # train reply: exact keys, and keys by prefix (the task or phase comes after the dot)
 TRAIN_COUNTS = (
@@ -29,7 +30,8 @@ TRAIN_COUNTS = (
     "stream-end", "trained-params", "nnz", "numel", "payload-bytes",
 )  # fmt: skip
 TRAIN_SECONDS = ("load-seconds", "train-seconds", "eval-seconds", "codec-seconds")
-TRAIN_FINITE = ("loss-first", "loss-last", "index-entropy-bytes")
+TRAIN_FINITE = ("loss-first", "loss-last")
+TRAIN_SIZES = ("index-entropy-bytes",)  # non-negative, not necessarily whole
 TRAIN_PREFIXES = {"seconds.": "seconds", "start-score.": "score", "local-score.": "score", "n.": "count"}
 EVAL_PREFIXES = {"score.": "score", "n.": "count"}
 _TASK = re.compile(r"^[^\s]{1,200}$")
@@ -64,8 +66,10 @@ def _number(key: str, value: object) -> float:
 def _check(key: str, v: float, kind: str) -> None:
     if kind == "count" and not (0 <= v < MAX_COUNT and v == int(v)):
         raise ReportError(f"field {key!r}: {v!r} is not a count (an integer in [0, 2^53))")
-    if kind == "seconds" and v < 0:
-        raise ReportError(f"field {key!r}: {v!r} seconds is negative")
+    if kind == "seconds" and not 0 <= v <= MAX_SECONDS:
+        raise ReportError(f"field {key!r}: {v!r} seconds outside [0, {MAX_SECONDS:g}]")
+    if kind == "size" and not 0 <= v < MAX_COUNT:
+        raise ReportError(f"field {key!r}: {v!r} outside [0, 2^53)")
     if kind == "score" and not 0.0 <= v <= 1.0:
         raise ReportError(f"field {key!r}: score {v!r} outside [0, 1]")
 
@@ -106,7 +110,8 @@ def train_report(
     ``max_items``: the most test items a task has (``n-test``), bounding the ``n.<task>``
     weights of score means."""
     exact = {k: "count" for k in TRAIN_COUNTS} | {k: "seconds" for k in TRAIN_SECONDS}
-    exact |= {k: "finite" for k in TRAIN_FINITE} | {"partition-id": "finite", "values-only": "flag"}
+    exact |= {k: "finite" for k in TRAIN_FINITE} | {k: "size" for k in TRAIN_SIZES}
+    exact |= {"partition-id": "finite", "values-only": "flag"}
     metrics = {}
     for key, value in raw.items():
         v = _number(str(key), value)

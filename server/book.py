@@ -50,6 +50,13 @@ class RoundBook:
         self.rows: list[dict] = []
         self.row: dict = {}
 
+    def tasks_of(self, partition: int) -> set[str]:
+        """The tasks partition ``partition`` holds (every task, in a mixed federation)."""
+        spec = self.cfg.spec
+        if spec.alpha is None:
+            return {task_label(spec.tasks[partition])} if 0 <= partition < len(spec.tasks) else set()
+        return {task_label(t) for t in spec.tasks}
+
     def client_name(self, partition: int) -> str:
         spec = self.cfg.spec
         if spec.alpha is None and 0 <= partition < len(spec.tasks):
@@ -90,7 +97,9 @@ class RoundBook:
         self.row["failures"][str(node)] = reason
 
     def reject(self, node: int, reason: str) -> None:
-        self.row["rejected"][str(node)] = reason
+        """Every reason a node's replies were refused this round (training and evaluation)."""
+        had = self.row["rejected"].get(str(node))
+        self.row["rejected"][str(node)] = reason if had is None or had == reason else f"{had}; {reason}"
 
     def upload(self, node: int, message_bytes: int, array_bytes: int, m: dict[str, float]) -> None:
         pid = int(m.get("partition-id", -1))
@@ -138,6 +147,9 @@ class RoundBook:
         cs = self.row["clients"]
         accepted = set(result.accepted)
         good = [c for c in cs if c["node"] in accepted]
+        for c in good:  # what the server measured of the upload, in place of what the client said
+            m = result.measured.get(c["node"], {})
+            c |= {k: m[k] for k in ("payload_bytes", "values_only", "nnz", "numel", "index_entropy_bytes") if k in m}
         self.row |= {
             "replied": len(cs),
             "accepted": len(good),
@@ -147,9 +159,9 @@ class RoundBook:
             "uplink_bytes": sum(c["message_bytes"] for c in cs),
             "uplink_array_bytes": sum(c["array_bytes"] for c in cs),
             "uplink_payload_bytes": sum(c["payload_bytes"] for c in cs),
-            "dense_fp32_bytes": 4 * sum(c["numel"] for c in cs),
-            "index_entropy_bytes": sum(c["index_entropy_bytes"] for c in cs),
-            "values_only_uploads": sum(c["values_only"] for c in cs),
+            "dense_fp32_bytes": 4 * sum(c["numel"] for c in good),
+            "index_entropy_bytes": sum(c["index_entropy_bytes"] for c in good),
+            "values_only_uploads": sum(c["values_only"] for c in good),
             "global": {
                 "nnz": result.global_nnz,
                 "numel": result.global_numel,
@@ -166,8 +178,8 @@ class RoundBook:
                 "client_codec": sum(c["codec_seconds"] for c in cs),
             },
         }
-        self.row["start_scores"] = self._task_scores([(c["partition"], c["metrics"]) for c in cs], "start-score.")
-        self.row["local_scores"] = self._task_scores([(c["partition"], c["metrics"]) for c in cs], "local-score.")
+        self.row["start_scores"] = self._task_scores([(c["partition"], c["metrics"]) for c in good], "start-score.")
+        self.row["local_scores"] = self._task_scores([(c["partition"], c["metrics"]) for c in good], "local-score.")
 
     def train_summary(self) -> dict[str, float]:
         r = self.row

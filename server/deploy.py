@@ -128,7 +128,8 @@ def probe_superlink(
         return f"{address!r} is not host:port"
     host = host.strip("[]")
     if root_certificates is not None and not Path(root_certificates).is_file():
-        return f"the root certificates file {root_certificates} does not exist"
+        what = "is not a file" if Path(root_certificates).exists() else "does not exist"
+        return f"the root certificates file {root_certificates} {what}"
     try:
         sock = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as e:
@@ -137,7 +138,11 @@ def probe_superlink(
             "are the host and port right, does a firewall block the port?"
         )
     if root_certificates is not None:
-        ctx = ssl.create_default_context(cafile=str(root_certificates))
+        try:
+            ctx = ssl.create_default_context(cafile=str(root_certificates))
+        except ssl.SSLError as e:
+            sock.close()
+            return f"the root certificates file {root_certificates} holds no PEM certificate ({e.reason or e})"
     else:  # only to learn whether the other side speaks TLS at all
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE

@@ -23,12 +23,23 @@ from flwr.serverapp.strategy import FedAvg
 from clients.wire import ARRAYS, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
 from fl_lota.checkpoint import Checkpoint, save_checkpoint
 from fl_lota.fedserver import Aggregator, Upload
-from fl_lota.reports import eval_report, train_report
+from fl_lota.reports import ReportError, eval_report, train_report
 from fl_lota.runconfig import RESUME_MAY_CHANGE, RunConfig
 
 from .book import RoundBook
 
 __all__ = ["LotaFedAvg"]
+
+
+def _record(msg: Message, name: str):
+    """The reply's record ``name``; a reply without it is malformed."""
+    if name not in msg.content:
+        raise ReportError(f"the reply has no {name!r} record")
+    return msg.content[name]
+
+
+def _why(e: Exception) -> str:
+    return str(e) if isinstance(e, ValueError | KeyError) else f"{type(e).__name__}: {e}"
 
 
 class LotaFedAvg(FedAvg):
@@ -134,16 +145,18 @@ class LotaFedAvg(FedAvg):
         for msg in valid:
             node = msg.metadata.src_node_id
             try:  # one guarded path per reply: whatever is wrong with it, only it is refused
-                payload = payloads(msg.content[ARRAYS])[""]
+                payload = payloads(_record(msg, ARRAYS))[""]
                 report = train_report(
-                    msg.content[METRICS],
+                    _record(msg, METRICS),
                     num_clients=self.num_clients,
                     max_examples=self.cfg.max_client_examples,
                     max_items=self.cfg.n_test,
                 )
+                self._check_stream(server_round, report.metrics)
+                self._check_tasks(report.partition, report.metrics, ("start-score.", "local-score.", "n."))
                 self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), report.metrics)
-            except (KeyError, ValueError, TypeError) as e:  # ReportError is a ValueError
-                reason = f"client {node}: malformed reply: {e}"
+            except Exception as e:  # untrusted input: whatever breaks, only this reply is refused
+                reason = f"client {node}: malformed reply: {_why(e)}"
                 log(WARNING, "round %d: rejected reply: %s", server_round, reason)
                 self.book.reject(node, reason)
                 continue
@@ -172,6 +185,39 @@ class LotaFedAvg(FedAvg):
         arrays = ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
         return arrays, MetricRecord(self.book.train_summary())
 
+    def _check_stream(self, server_round: int, m: dict[str, float]) -> None:
+        """The stream positions a client reports are where this round begins, and at most a
+        round's examples long (they are expanded into the example list it trained on)."""
+        start, end = m.get("stream-start"), m.get("stream-end")
+        if start is None and end is None:
+            return
+        expected = self.cfg.stream_start(server_round)
+        if start != expected:
+            raise ReportError(f"field 'stream-start': {start!r}, but round {server_round} begins at {expected}")
+        if end is None or not 0 <= end - start <= self.cfg.examples_per_round:
+            raise ReportError(
+                f"field 'stream-end': {end!r}, but a round trains on {self.cfg.examples_per_round} examples "
+                f"from {expected}"
+            )
+
+    def _check_tasks(
+        self, partition: int, m: dict[str, float], prefixes: tuple[str, ...], *, merges: bool = False
+    ) -> None:
+        """Per-task fields name only the tasks of the client's partition (and, for scores,
+        the merges this run scores)."""
+        tasks = self.book.tasks_of(partition)
+        for key in m:
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is None:
+                continue
+            name = key[len(prefix) :]
+            if merges and prefix == "score.":
+                name, _, merge = name.rpartition("@")
+                if merge not in self.cfg.merges:
+                    raise ReportError(f"field {key!r}: {merge!r} is not a merge this run scores")
+            if name not in tasks:
+                raise ReportError(f"field {key!r}: {name!r} is not a task of partition {partition}")
+
     # ---- evaluation --------------------------------------------------------------
 
     def configure_evaluate(
@@ -193,18 +239,29 @@ class LotaFedAvg(FedAvg):
         valid, errors = self._check_and_log_replies(list(replies), is_train=False, validate=False)
         for msg in errors:
             self.book.failure(msg.metadata.src_node_id, f"evaluate: {msg.error.reason}")
+        scored: set[int] = set()
         for msg in valid:
             node = msg.metadata.src_node_id
             try:
-                report = eval_report(msg.content[METRICS], num_clients=self.num_clients, max_items=self.cfg.n_test)
+                report = eval_report(_record(msg, METRICS), num_clients=self.num_clients, max_items=self.cfg.n_test)
                 mine = self.aggregator.partition_of(str(node))
                 if mine is not None and mine != report.partition:
-                    raise ValueError(f"reports partition {report.partition}, but it is partition {mine}")
-            except (KeyError, ValueError, TypeError) as e:
-                reason = f"client {node}: malformed evaluate reply: {e}"
+                    raise ReportError(f"reports partition {report.partition}, but it is partition {mine}")
+                owner = self.aggregator.owners.get(report.partition)
+                if owner != str(node):
+                    raise ReportError(
+                        f"reports partition {report.partition}, which "
+                        + (f"belongs to node {owner}" if owner else "no accepted upload of this node registered")
+                    )
+                if report.partition in scored:
+                    raise ReportError(f"partition {report.partition} was already scored this round")
+                self._check_tasks(report.partition, report.metrics, ("score.", "n."), merges=True)
+            except Exception as e:  # untrusted input: whatever breaks, only this reply is refused
+                reason = f"client {node}: malformed evaluate reply: {_why(e)}"
                 log(WARNING, "round %d: rejected evaluation: %s", server_round, reason)
                 self.book.reject(node, reason)
                 continue
+            scored.add(report.partition)
             self.book.evaluated(node, report.metrics)
         now = time.perf_counter()
         row = self.book.end_round(

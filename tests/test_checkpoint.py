@@ -91,3 +91,11 @@ def test_unsafe_mask_keys_are_refused(tmp_path):
     c.masks = {"../evil": sparse_tv(0)}
     with pytest.raises(ValueError, match="safe file name"):
         save_checkpoint(tmp_path, c)
+
+
+@pytest.mark.parametrize("manifest", [b"[1, 2]", b'{"state.json": null, "global.safetensors": 3}', b"\xff{"])
+def test_a_manifest_that_is_not_a_digest_table_is_named(tmp_path, manifest):
+    save_checkpoint(tmp_path, ckpt(1))
+    (tmp_path / "round-0001" / "MANIFEST.json").write_bytes(manifest)
+    with pytest.raises(CheckpointError, match=r"MANIFEST\.json: not"):
+        load_checkpoint(tmp_path)

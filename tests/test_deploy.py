@@ -104,6 +104,8 @@ def test_probe_names_why_a_supernode_would_not_connect(listeners, tmp_path, caps
         ((plain, creds / "ca.crt"), {}, "does not speak TLS"),
         ((closed_address, creds / "ca.crt"), {}, "nothing answers"),
         ((tls, tmp_path / "missing.crt"), {}, "does not exist"),
+        ((tls, tmp_path), {}, "is not a file"),
+        ((tls, other_ca.with_name("supernode-0.pub")), {}, "holds no PEM certificate"),
         (("no-port", None), {"insecure": True}, "not host:port"),
     ]
     for args, kw, needle in cases:

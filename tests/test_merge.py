@@ -38,6 +38,10 @@ def test_overlapping_vectors(method, params, expected):
     assert dense_of(merge(method, [A, B], **params)) == pytest.approx(expected)
 
 
+def test_task_arithmetic_sums_the_vectors_whatever_the_client_weights():
+    assert dense_of(merge("task_arithmetic", [A, B], weights=[160, 40], lam=0.5)) == pytest.approx([1.0, 1.0, 3.0, 0.0])
+
+
 def test_disjoint_vectors_mask_aware_keeps_each_update_fedavg_dilutes():
     a, b = sv([0], [3.0]), sv([2], [5.0])
     assert dense_of(merge("mask_aware", [a, b])) == [3.0, 0.0, 5.0, 0.0]

@@ -47,13 +47,40 @@ class Reply:
         return self.error is not None
 
 
+def table_nnz(payload: bytes) -> int:
+    """The values a payload holds, read from its tensor table (what an honest client
+    reports); 0 for a payload that is not one."""
+    try:
+        return _table_nnz(payload)
+    except (IndexError, ValueError):
+        return 0
+
+
+def _table_nnz(payload: bytes) -> int:
+    import struct
+
+    pos = codec.HEADER.size
+    (n,) = struct.unpack_from("<I", payload, pos)
+    pos, total = pos + 4, 0
+    for _ in range(n):
+        (name_len,) = struct.unpack_from("<H", payload, pos)
+        pos += 2 + name_len
+        ndim = payload[pos]
+        pos += 1 + 8 * ndim
+        _, nnz, _ = struct.unpack_from("<BQf", payload, pos)
+        pos += struct.calcsize("<BQf")
+        total += nnz
+    return total
+
+
 def train_reply(node: int, payload: bytes, partition: int, **metrics) -> Reply:
     m = {
         "num-examples": 16.0,
         "partition-id": float(partition),
         "payload-bytes": float(len(payload)),
-        "nnz": 10.0,
+        "nnz": float(table_nnz(payload)),
         "numel": 100.0,
+        "values-only": float(payload[5:6] == b"\x01"),  # the header's mode byte
     } | metrics
     return Reply(node, RecordDict({"arrays": ArrayRecord({PAYLOAD: fltv_array(payload)}), "metrics": MetricRecord(m)}))
 
@@ -278,3 +305,120 @@ def test_a_merge_that_fails_leaves_the_global_model_and_the_run_going(tmp_path, 
     strategy.aggregate_train(1, [train_reply(11, codec.encode(sparse_tv(1)), 0)])
     assert strategy.aggregator.global_payload == before
     assert not book.row["global_updated"] and "overflow" in book.row["merge_error"]
+
+
+def test_stream_positions_must_be_this_rounds(tmp_path):
+    strategy, book = make(tmp_path)  # 20 steps x batch 8 per round by default
+    book.start_round(2, {11: 1, 12: 1, 13: 1})
+    ok = {"stream-start": 160.0, "stream-end": 320.0}
+    replies = [
+        train_reply(11, codec.encode(sparse_tv(1)), 0, **ok),
+        train_reply(12, codec.encode(sparse_tv(2)), 1, **{"stream-start": 160.0, "stream-end": 5e6}),
+        train_reply(13, codec.encode(sparse_tv(3)), 2, **{"stream-start": 0.0, "stream-end": 160.0}),
+    ]
+    strategy.aggregate_train(2, replies)
+    assert book.row["accepted"] == 1
+    assert "'stream-end'" in book.row["rejected"]["12"] and "'stream-start'" in book.row["rejected"]["13"]
+    (c,) = book.row["clients"]
+    assert c["examples_seen"]["stream_start"] == 160 and len(c["examples_seen"]["indices"]) == 160
+
+
+def test_records_of_the_wrong_kind_are_refused_not_crashing(tmp_path):
+    from flwr.app import ConfigRecord
+
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1, 13: 1})
+    good = train_reply(11, codec.encode(sparse_tv(1)), 0)
+    as_metrics = train_reply(12, codec.encode(sparse_tv(2)), 1)
+    as_metrics.content["arrays"] = MetricRecord({"fltv": 1.0})
+    no_metrics = Reply(13, RecordDict({"arrays": ArrayRecord({PAYLOAD: fltv_array(codec.encode(sparse_tv(3)))})}))
+    no_metrics.content["config"] = ConfigRecord({"x": 1})
+    strategy.aggregate_train(1, [good, as_metrics, no_metrics])
+    assert book.row["accepted"] == 1
+    assert "not an ArrayRecord" in book.row["rejected"]["12"]
+    assert "no 'metrics' record" in book.row["rejected"]["13"]
+
+
+def _eval(node: int, partition: int, **scores) -> Reply:
+    return Reply(node, RecordDict({"metrics": MetricRecord({"partition-id": float(partition)} | scores)}))
+
+
+def test_evaluations_count_only_from_a_partitions_owner_for_its_own_tasks(tmp_path):
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1, 13: 1})
+    strategy.aggregate_train(
+        1,
+        [
+            train_reply(11, codec.encode(sparse_tv(1)), 0),
+            train_reply(12, codec.encode(sparse_tv(2)), 1),
+            train_reply(13, b"garbage" * 20, 2),  # refused: it owns nothing
+        ],
+    )
+    strategy.aggregate_evaluate(
+        1,
+        [
+            _eval(11, 0, **{"score.math@mask_aware": 0.2, "n.math": 4.0}),
+            _eval(13, 0, **{"score.math@mask_aware": 1.0, "n.math": 4.0}),  # not the owner of 0
+            _eval(13, 2, **{"score.classify@mask_aware": 1.0}),  # its upload was refused: owns nothing
+            _eval(11, 0, **{"score.math@mask_aware": 1.0, "n.math": 4.0}),  # a second score for 0
+            _eval(12, 1, **{"score.sql@mask_aware": 0.4, "score.invented@mask_aware": 1.0}),  # not its task
+        ],
+    )
+    row = book.rows[-1]
+    assert row["scores"] == {"mask_aware": {"math": 0.2}}
+    assert "belongs to node 11" in row["rejected"]["13"] and "no accepted upload" in row["rejected"]["13"]
+    assert "already scored" in row["rejected"]["11"]
+    assert "'invented' is not a task of partition 1" in row["rejected"]["12"]
+    strategy.aggregate_evaluate(2, [_eval(12, 1, **{"score.sql@fedavg": 0.4})])
+    assert "not a merge this run scores" in book.rows[-1]["rejected"]["12"]
+
+
+def test_after_a_restart_an_offline_owners_partition_is_not_up_for_grabs(tmp_path):
+    strategy, book = make(tmp_path)
+    victim_tv = sparse_tv(1)
+    strategy._online = {"11", "12"}
+    book.start_round(1, {11: 1, 12: 1})
+    strategy.aggregate_train(
+        1, [train_reply(11, codec.encode(victim_tv), 0), train_reply(12, codec.encode(sparse_tv(2)), 1)]
+    )
+    ckpt = strategy.checkpoint(1)
+    # the server restarts; node 12 is back with its id (authenticated), node 11 not yet
+    again, book2 = make(tmp_path / "again")
+    again.restore(ckpt)
+    again._online = {"12", "99"}
+    book2.start_round(2, {12: 1, 99: 1})
+    again.aggregate_train(2, [train_reply(99, codec.encode(sparse_tv(7)), 0)])  # claims 0 with its own mask
+    assert "only an upload encoded against that node's registered mask" in book2.row["rejected"]["99"]
+    assert again.aggregator.owners[0] == "11"
+    again._online = {"11", "12", "99"}  # the owner returns and goes on where it was
+    book2.start_round(3, {11: 1})
+    again.aggregate_train(3, [train_reply(11, codec.encode(victim_tv, values_only=True), 0)])
+    assert book2.row["accepted"] == 1 and again.aggregator.owners[0] == "11"
+    # a whole new federation (a restarted simulation: every id new) may start partitions afresh
+    fresh, book3 = make(tmp_path / "fresh")
+    fresh.restore(ckpt)
+    fresh._online = {"31", "32"}
+    book3.start_round(2, {31: 1})
+    fresh.aggregate_train(2, [train_reply(31, codec.encode(sparse_tv(5)), 0)])
+    assert book3.row["accepted"] == 1 and fresh.aggregator.owners[0] == "31"
+
+
+def test_the_books_hold_what_the_server_measured(tmp_path):
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1, 13: 1})
+    payloads_ = [codec.encode(sparse_tv(i)) for i in (1, 2, 3)]
+    strategy.aggregate_train(
+        1,
+        [
+            train_reply(11, payloads_[0], 0, **{"index-entropy-bytes": 1e15, "numel": 7.0}),
+            train_reply(12, payloads_[1], 1, **{"payload-bytes": 1.0}),
+            train_reply(13, payloads_[2], 2, **{"nnz": 1.0}),
+        ],
+    )
+    row = book.row
+    assert row["accepted"] == 1
+    assert "reports payload-bytes 1" in row["rejected"]["12"] and "reports nnz 1" in row["rejected"]["13"]
+    (c,) = [c for c in row["clients"] if c["node"] == "11"]
+    tv = sparse_tv(1)
+    assert c["numel"] == tv.numel and c["nnz"] == tv.nnz and c["payload_bytes"] == len(payloads_[0])
+    assert 0 < c["index_entropy_bytes"] < 1e6 and row["index_entropy_bytes"] == c["index_entropy_bytes"]
