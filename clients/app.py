@@ -45,6 +45,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(config["server-round"]),
         eval_start=bool(config.get("eval-start", False)),
         eval_local=bool(config.get("eval-local", False)),
+        register_mask=bool(config.get("register-mask", False)),
     )
     if out.mask_payload is not None:  # keep the mask for the values-only rounds
         context.state[STATE] = ArrayRecord({PAYLOAD: fltv_array(out.mask_payload)})

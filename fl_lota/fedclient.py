@@ -141,12 +141,14 @@ class LocalNode:
         server_round: int = 1,
         eval_start: bool = False,
         eval_local: bool = False,
+        register_mask: bool = False,
     ) -> TrainOutcome:
         """Fine-tune from ``base + G`` for round ``server_round`` (the round picks where in
         the local example stream training continues). ``mask_payload``: the payload that
         registered this client's LoTA mask in an earlier round (reuse the mask, upload
         values only). eval_start / eval_local: also score the received model / the locally
-        tuned one."""
+        tuned one. register_mask: the server holds no mask for this client (it asks after
+        refusing a values-only upload): send a full upload, which registers the mask again."""
         cfg = self.cfg
         model, tok, load_s = self._model_at(global_payload)
         metrics: dict[str, float] = {"partition-id": float(self.partition_id), "load-seconds": load_s}
@@ -180,7 +182,7 @@ class LocalNode:
             metrics |= self._scores(model, tok, "local-score")
             metrics["eval-seconds"] = metrics.get("eval-seconds", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        values_only = mask is not None
+        values_only = mask is not None and not register_mask
         upload = res.factors if res.factors is not None else res.delta  # lora: the low-rank factors
         payload = codec.encode(upload, values=cfg.values, values_only=values_only)
         new_mask = payload if cfg.method == "lota" and mask is None else None

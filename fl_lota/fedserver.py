@@ -10,13 +10,16 @@ Masks and partitions are bound to the sender's identity (Flower's node id; on th
 deployment engine with SuperNode authentication, an authenticated key): the first node to
 report partition ``p`` owns it and registers its mask under its own id. Another node that
 reports ``p`` while the owner is online is refused; a node may not change its partition.
-When every owner is gone (a restarted simulation sees only new node ids), the next node
-that reports ``p`` takes it over, keeping the registered mask if its values-only upload was
-encoded against it (the mask's fingerprint), so a resumed run goes on exactly as an
-uninterrupted one would. While other owners are online (the deployment engine, where
-authenticated node ids persist), an offline owner's partition is taken over only by a
-values-only upload encoded against that owner's registered mask: a node that merely claims
-the partition is refused, and the owner keeps it when it returns.
+When the owner has not been online since this server started (a restarted simulation has
+only new node ids; a machine that never came back), the next node that reports ``p``
+takes it over, keeping the registered mask if its values-only upload was encoded against
+it (the mask's fingerprint), so a resumed run goes on exactly as an uninterrupted one
+would. An owner that was online in this server's lifetime and is offline now loses its
+partition only to a values-only upload encoded against its registered mask. A node whose
+partition was taken over gets it back with its next upload (its node id persists on the
+deployment engine). A node whose values-only upload found no matching mask is asked, in
+its next round, to send a full upload (``register-mask``) so that its mask is registered
+again rather than refused forever.
 """
 
 from __future__ import annotations
@@ -100,6 +103,9 @@ class Aggregator:
         self.owners: dict[int, str] = {}  # partition -> the node that owns it
         self.candidates: dict[str, bytes] = {}  # merge name -> G_m payload (scored, not kept)
         self._measured: dict[str, dict[str, float]] = {}  # this round's uploads, as decoded
+        self.seen: set[str] = set()  # nodes online at some round since this server started
+        self.former: dict[int, str] = {}  # partition -> the owner it was taken over from
+        self.resend_mask: set[str] = set()  # nodes to ask for a full upload (no mask matched)
 
     def restore(
         self, global_tv: SparseTaskVector, masks: Mapping[str, SparseTaskVector], owners: Mapping[int, str]
@@ -126,18 +132,26 @@ class Aggregator:
         owner = self.owners.get(up.partition)
         if owner is None or owner == up.client:
             return None
+        if self.former.get(up.partition) == up.client:
+            return owner  # the partition's owner is back: it takes the partition back
         if online is None or owner in online:
             raise UploadError(
                 f"client {up.client}: reports partition {up.partition}, which belongs to node {owner} (online)"
             )
         return owner
 
-    def _others_online(self, gone: str, online: set[str] | None) -> bool:
-        return online is not None and any(n in online for n in self.owners.values() if n != gone)
+    def needs_mask(self, node: str) -> bool:
+        """Whether to ask ``node`` for a full upload this round (its values-only upload found
+        no mask registered for it)."""
+        return self.cfg.method == "lota" and node in self.resend_mask
 
-    def _bind(self, up: Upload, gone: str | None, layout: SparseTaskVector | None) -> None:
+    def _bind(self, up: Upload, gone: str | None, layout: SparseTaskVector | None, reclaim: bool = False) -> None:
         if gone is not None:
             self.masks.pop(gone, None)
+            if reclaim:
+                self.former.pop(up.partition, None)
+            elif up.partition is not None:
+                self.former[up.partition] = gone
         if up.partition is not None:
             self.owners[up.partition] = up.client
         if layout is not None:
@@ -154,23 +168,33 @@ class Aggregator:
             max_abs=MAX_UPDATE_ABS,
             max_entries=self.max_entries,
         )
+        reclaim = gone is not None and self.former.get(up.partition) == up.client
         try:
             head = codec.peek(up.payload, max_bytes=self.cfg.max_upload_bytes)
-            if gone is not None and self._others_online(gone, online):
+            if gone is not None and not reclaim and gone in self.seen:
                 if not head.values_only or gone not in self.masks:
                     raise UploadError(
-                        f"client {up.client}: reports partition {up.partition} of node {gone}, which is offline "
-                        "while other clients are online; only an upload encoded against that node's registered "
+                        f"client {up.client}: reports partition {up.partition} of node {gone}, which has been "
+                        "online since the server started; only an upload encoded against that node's registered "
                         "mask (values-only, from its client-state-dir) may take it over"
                     )
                 mask = self.masks[gone]
             elif head.values_only:
                 mask = self.masks.get(up.client) or (self.masks.get(gone) if gone is not None else None)
                 if mask is None:
-                    raise UploadError(f"client {up.client}: values-only upload but no mask registered")
+                    self.resend_mask.add(up.client)
+                    raise UploadError(
+                        f"client {up.client}: values-only upload but no mask registered for it; "
+                        "it is asked for a full upload next round"
+                    )
             else:
                 mask = None
-            tv = codec.decode(up.payload, mask=mask, **limits)  # mask: None for a full upload
+            try:
+                tv = codec.decode(up.payload, mask=mask, **limits)  # mask: None for a full upload
+            except codec.CodecError as e:
+                if head.values_only and "fingerprint" in str(e):
+                    self.resend_mask.add(up.client)
+                raise
         except codec.CodecError as e:
             raise UploadError(f"client {up.client}: {e}") from None
         layout = tv
@@ -182,7 +206,8 @@ class Aggregator:
         if not head.values_only:
             self._check_against_model(up.client, tv)
         self._measure(up, head.values_only, layout, tv)
-        self._bind(up, gone, mask if head.values_only else (layout if self.cfg.method == "lota" else None))
+        self._bind(up, gone, mask if head.values_only else (layout if self.cfg.method == "lota" else None), reclaim)
+        self.resend_mask.discard(up.client)
         return self._clip(tv)
 
     def _measure(self, up: Upload, values_only: bool, layout: SparseTaskVector, tv: SparseTaskVector) -> None:
@@ -232,6 +257,7 @@ class Aggregator:
         t0 = time.perf_counter()
         vectors, weights, accepted, rejected = [], [], [], {}
         self._measured = {}
+        self.seen |= online or set()
         for up in uploads:
             try:
                 vectors.append(self.decode(up, online))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import subprocess
 import sys
 import time
@@ -23,19 +24,27 @@ import time
 import psutil
 
 
-def watch(pid: int | None = None, *, interval: float = 1.0, grace: float = 5.0) -> subprocess.Popen:
-    """Start the watchdog for ``pid`` (this process by default) and return its handle. It
-    runs in its own session, so signals sent to this process's group do not reach it."""
+def watch(
+    pid: int | None = None, *, interval: float = 1.0, grace: float = 5.0, ready: float = 30.0
+) -> subprocess.Popen:
+    """Start the watchdog for ``pid`` (this process by default) and return its handle once
+    it has recorded ``pid``'s descendants a first time (at most ``ready`` seconds). It runs
+    in its own session, so signals sent to this process's group do not reach it."""
     pid = os.getpid() if pid is None else pid
     cmd = [sys.executable, "-m", "fl_lota.reaper", str(pid), "--interval", str(interval), "--grace", str(grace)]
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
         close_fds=True,
     )
+    assert proc.stdout is not None
+    if select.select([proc.stdout], [], [], ready)[0]:
+        proc.stdout.readline()
+    proc.stdout.close()
+    return proc
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -45,8 +54,9 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def follow(pid: int, *, interval: float = 1.0) -> dict[int, float]:
-    """Record ``pid``'s descendants (PID -> start time) until ``pid`` ends; returns them."""
+def follow(pid: int, *, interval: float = 1.0, on_first=None) -> dict[int, float]:
+    """Record ``pid``'s descendants (PID -> start time) until ``pid`` ends; returns them.
+    ``on_first()`` is called after the first record."""
     seen: dict[int, float] = {}
     try:
         target = psutil.Process(pid)
@@ -63,6 +73,9 @@ def follow(pid: int, *, interval: float = 1.0) -> dict[int, float]:
                 continue
             with contextlib.suppress(psutil.NoSuchProcess):
                 seen[child.pid] = child.create_time()
+        if on_first is not None:
+            on_first()
+            on_first = None
         time.sleep(interval)
     return seen
 
@@ -94,8 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--grace", type=float, default=5.0)
     args = parser.parse_args(argv)
-    stop(follow(args.pid, interval=args.interval), grace=args.grace)
+    stop(follow(args.pid, interval=args.interval, on_first=_ready), grace=args.grace)
     return 0
+
+
+def _ready() -> None:
+    """Tell ``watch()`` the first record is taken (its parent may be gone: ignore that)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        sys.stdout.close()
 
 
 if __name__ == "__main__":

@@ -88,8 +88,9 @@ class RoundBook:
         sent, accepted, why = set(), set(), {}
         for r in self.rows:
             sent |= set(r.get("downlink_by_node", {}))
-            rejected = {**r.get("failures", {}), **r.get("rejected", {})}
-            accepted |= {c["node"] for c in r.get("clients", []) if c["node"] not in rejected}
+            failures, refused = r.get("failures", {}), r.get("rejected", {})
+            rejected = {n: "; ".join(x for x in (failures.get(n), refused.get(n)) if x) for n in {*failures, *refused}}
+            accepted |= {c["node"] for c in r.get("clients", []) if c.get("accepted", c["node"] not in rejected)}
             why |= rejected
         return {n: why.get(n, "no reply") for n in sorted(sent - accepted)}
 
@@ -147,6 +148,8 @@ class RoundBook:
         cs = self.row["clients"]
         accepted = set(result.accepted)
         good = [c for c in cs if c["node"] in accepted]
+        for c in cs:
+            c["accepted"] = c["node"] in accepted
         for c in good:  # what the server measured of the upload, in place of what the client said
             m = result.measured.get(c["node"], {})
             c |= {k: m[k] for k in ("payload_bytes", "values_only", "nnz", "numel", "index_entropy_bytes") if k in m}

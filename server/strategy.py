@@ -20,7 +20,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from clients.wire import ARRAYS, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
+from clients.wire import ARRAYS, CONFIG, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
 from fl_lota.checkpoint import Checkpoint, save_checkpoint
 from fl_lota.fedserver import Aggregator, Upload
 from fl_lota.reports import ReportError, eval_report, train_report
@@ -130,6 +130,9 @@ class LotaFedAvg(FedAvg):
         config["fl-lota-run"] = self.run_tag
         config["eval-local"] = self.is_eval_round(server_round) and self.cfg.eval_local
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        for m in messages:  # a client whose mask the server does not hold sends it again
+            if self.aggregator.needs_mask(str(m.metadata.dst_node_id)):
+                m.content[CONFIG] = ConfigRecord(dict(m.content[CONFIG]) | {"register-mask": True})  # not shared
         self.book.start_round(server_round, {m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         self._t["train-sent"] = time.perf_counter()
         return messages

@@ -373,34 +373,77 @@ def test_evaluations_count_only_from_a_partitions_owner_for_its_own_tasks(tmp_pa
     assert "not a merge this run scores" in book.rows[-1]["rejected"]["12"]
 
 
-def test_after_a_restart_an_offline_owners_partition_is_not_up_for_grabs(tmp_path):
+def test_an_owner_keeps_or_gets_back_its_partition(tmp_path):
     strategy, book = make(tmp_path)
+    agg = strategy.aggregator
     victim_tv = sparse_tv(1)
-    strategy._online = {"11", "12"}
+    strategy._online = {"11", "12", "99"}
     book.start_round(1, {11: 1, 12: 1})
     strategy.aggregate_train(
         1, [train_reply(11, codec.encode(victim_tv), 0), train_reply(12, codec.encode(sparse_tv(2)), 1)]
     )
-    ckpt = strategy.checkpoint(1)
-    # the server restarts; node 12 is back with its id (authenticated), node 11 not yet
+    # node 11 was online in this server's lifetime: offline now, its partition is not up for grabs
+    strategy._online = {"12", "99"}
+    book.start_round(2, {12: 1, 99: 1})
+    strategy.aggregate_train(2, [train_reply(99, codec.encode(sparse_tv(7)), 0)])
+    assert "only an upload encoded against that node's registered mask" in book.row["rejected"]["99"]
+    assert agg.owners[0] == "11"
+    # after a server restart node 11 has not been seen yet, and node 99 is first to claim partition 0
     again, book2 = make(tmp_path / "again")
-    again.restore(ckpt)
+    again.restore(strategy.checkpoint(2))
+    agg2 = again.aggregator
     again._online = {"12", "99"}
-    book2.start_round(2, {12: 1, 99: 1})
-    again.aggregate_train(2, [train_reply(99, codec.encode(sparse_tv(7)), 0)])  # claims 0 with its own mask
-    assert "only an upload encoded against that node's registered mask" in book2.row["rejected"]["99"]
-    assert again.aggregator.owners[0] == "11"
-    again._online = {"11", "12", "99"}  # the owner returns and goes on where it was
-    book2.start_round(3, {11: 1})
-    again.aggregate_train(3, [train_reply(11, codec.encode(victim_tv, values_only=True), 0)])
-    assert book2.row["accepted"] == 1 and again.aggregator.owners[0] == "11"
-    # a whole new federation (a restarted simulation: every id new) may start partitions afresh
+    book2.start_round(3, {12: 1, 99: 1})
+    again.aggregate_train(3, [train_reply(99, codec.encode(sparse_tv(7)), 0)])
+    assert agg2.owners[0] == "99"
+    # node 11 comes back: its partition is its own again. Its values-only upload finds 99's mask,
+    # so it is asked for a full upload (register-mask), which takes the partition back
+    again._online = {"11", "12", "99"}
+    book2.start_round(4, {11: 1})
+    again.aggregate_train(4, [train_reply(11, codec.encode(victim_tv, values_only=True), 0)])
+    assert "fingerprint" in book2.row["rejected"]["11"] and agg2.needs_mask("11")
+    book2.start_round(5, {11: 1, 99: 1})
+    again.aggregate_train(
+        5, [train_reply(11, codec.encode(victim_tv), 0), train_reply(99, codec.encode(sparse_tv(7)), 0)]
+    )
+    assert agg2.owners[0] == "11" and not agg2.needs_mask("11") and "99" not in agg2.masks
+    assert "belongs to node 11" in book2.row["rejected"]["99"]
+    # a whole new federation (a restarted simulation: every id new) takes the partitions over
     fresh, book3 = make(tmp_path / "fresh")
-    fresh.restore(ckpt)
+    fresh.restore(strategy.checkpoint(2))
     fresh._online = {"31", "32"}
-    book3.start_round(2, {31: 1})
-    fresh.aggregate_train(2, [train_reply(31, codec.encode(sparse_tv(5)), 0)])
-    assert book3.row["accepted"] == 1 and fresh.aggregator.owners[0] == "31"
+    book3.start_round(3, {31: 1, 32: 1})
+    fresh.aggregate_train(
+        3,
+        [
+            train_reply(31, codec.encode(sparse_tv(5)), 0),
+            train_reply(32, codec.encode(sparse_tv(2), values_only=True), 1),
+        ],
+    )
+    assert book3.row["accepted"] == 2 and fresh.aggregator.owners == {0: "31", 1: "32"}
+
+
+def test_the_register_mask_request_reaches_only_that_node(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    shared = ConfigRecord({"server-round": 2})  # FedAvg gives every message the same record
+
+    def messages(self, server_round, arrays, config, grid):
+        return [
+            SimpleNamespace(content=RecordDict({"config": shared}), metadata=SimpleNamespace(dst_node_id=n))
+            for n in (11, 12, 13)
+        ]
+
+    monkeypatch.setattr(FedAvg, "configure_train", messages)
+    strategy, _ = make(tmp_path)
+    strategy.aggregator.resend_mask.add("12")
+    grid = SimpleNamespace(get_node_ids=lambda: [11, 12, 13])
+    msgs = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
+    flags = {m.metadata.dst_node_id: bool(m.content["config"].get("register-mask", False)) for m in msgs}
+    assert flags == {11: False, 12: True, 13: False}
 
 
 def test_the_books_hold_what_the_server_measured(tmp_path):
