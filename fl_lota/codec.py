@@ -48,6 +48,7 @@ from .task_vector import SparseTaskVector, SparseTensor
 __all__ = [
     "CodecError",
     "Header",
+    "MaskMismatchError",
     "VALUE_DTYPES",
     "decode",
     "encode",
@@ -76,6 +77,10 @@ MAX_EXPANSION = 16  # decoded bytes per payload byte above which decode checks b
 
 class CodecError(ValueError):
     """A payload that cannot be encoded or decoded; the message names the problem."""
+
+
+class MaskMismatchError(CodecError):
+    """A values-only payload encoded against another mask than the one given to decode."""
 
 
 @dataclass(frozen=True)
@@ -445,7 +450,7 @@ def decode(
             raise CodecError("values-only payload: decode needs the mask it was encoded against")
         layout = _as_layout(mask)
         if mask_fingerprint(layout) != head.fingerprint:
-            raise CodecError("values-only payload was encoded against a different mask (fingerprint mismatch)")
+            raise MaskMismatchError("values-only payload was encoded against a different mask (fingerprint mismatch)")
         if [(e[0], e[1], e[3]) for e in entries] != [(n, t.shape, t.nnz) for n, t in layout.items()]:
             raise CodecError("values-only payload's tensor table disagrees with the mask")
 

@@ -121,24 +121,25 @@ class Aggregator:
     def partition_of(self, node: str) -> int | None:
         return next((p for p, n in self.owners.items() if n == node), None)
 
-    def _claim(self, up: Upload, online: set[str] | None) -> str | None:
+    def _claim(self, up: Upload, online: set[str] | None) -> tuple[str | None, bool]:
         """Check the partition ``up`` reports against the bindings; returns the node whose
-        partition (and mask) it takes over, if any. Raises UploadError."""
+        partition (and mask) it takes over, if any, and whether ``up``'s node is taking back
+        a partition that was taken over from it. Raises UploadError."""
         if up.partition is None:
-            return None
+            return None, False
         mine = self.partition_of(up.client)
         if mine is not None and mine != up.partition:
             raise UploadError(f"client {up.client}: reports partition {up.partition}, but it is partition {mine}")
         owner = self.owners.get(up.partition)
         if owner is None or owner == up.client:
-            return None
+            return None, False
         if self.former.get(up.partition) == up.client:
-            return owner  # the partition's owner is back: it takes the partition back
+            return owner, True  # the partition's owner is back: it takes the partition back
         if online is None or owner in online:
             raise UploadError(
                 f"client {up.client}: reports partition {up.partition}, which belongs to node {owner} (online)"
             )
-        return owner
+        return owner, False
 
     def needs_mask(self, node: str) -> bool:
         """Whether to ask ``node`` for a full upload this round (its values-only upload found
@@ -161,14 +162,13 @@ class Aggregator:
         """The upload's task vector. Full payloads (re)register the client's mask;
         values-only payloads decode against it. ``online``: the nodes connected now (None:
         treat every owner as online). Raises UploadError naming the problem."""
-        gone = self._claim(up, online)
+        gone, reclaim = self._claim(up, online)
         limits = dict(
             max_bytes=self.cfg.max_upload_bytes,
             shapes=self.accepted,
             max_abs=MAX_UPDATE_ABS,
             max_entries=self.max_entries,
         )
-        reclaim = gone is not None and self.former.get(up.partition) == up.client
         try:
             head = codec.peek(up.payload, max_bytes=self.cfg.max_upload_bytes)
             if gone is not None and not reclaim and gone in self.seen:
@@ -191,9 +191,8 @@ class Aggregator:
                 mask = None
             try:
                 tv = codec.decode(up.payload, mask=mask, **limits)  # mask: None for a full upload
-            except codec.CodecError as e:
-                if head.values_only and "fingerprint" in str(e):
-                    self.resend_mask.add(up.client)
+            except codec.MaskMismatchError:
+                self.resend_mask.add(up.client)
                 raise
         except codec.CodecError as e:
             raise UploadError(f"client {up.client}: {e}") from None
