@@ -20,6 +20,21 @@ app = ClientApp()
 _NODES: dict[tuple[RunConfig, int], LocalNode] = {}
 
 
+def gpu_share() -> str:
+    """This client's share of the GPU, for an out-of-memory error: under the Ray simulation
+    the GPU fraction its actor holds (``client-resources-num-gpus``); on a SuperNode, which
+    runs one client per process, the whole of the GPUs that process sees."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+            return f"client-resources-num-gpus={share:g} (Ray simulation)"
+    except Exception:  # no Ray, or not in a Ray worker: a SuperNode
+        pass
+    return "the whole GPU (one client per SuperNode process)"
+
+
 def _node(context: Context) -> LocalNode:
     cfg = RunConfig.from_run_config(context.run_config)
     if "partition-id" not in context.node_config:
@@ -27,7 +42,7 @@ def _node(context: Context) -> LocalNode:
     pid = int(context.node_config["partition-id"])
     if (cfg, pid) not in _NODES:  # data is built once per process and client
         _NODES.clear()
-        _NODES[(cfg, pid)] = LocalNode(cfg, pid)
+        _NODES[(cfg, pid)] = LocalNode(cfg, pid, gpu_share=gpu_share())
     return _NODES[(cfg, pid)]
 
 

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from . import codec
+from . import device as devices
 from .data import client_stream_seed
 from .evaluate import evaluate
 from .methods import finetune
@@ -38,16 +41,24 @@ from .task_vector import SparseTaskVector
 __all__ = ["LocalNode", "TrainOutcome", "load_base"]
 
 _BASE: dict[tuple[str, str], tuple[torch.nn.Module, object, dict[str, torch.Tensor]]] = {}
+T = TypeVar("T")
 
 
-def load_base(model: str, device: str):
+def load_base(model: str, device: str | torch.device):
     """(model, tokenizer, base state) for ``model`` on ``device``, loaded once per process
-    (Ray actors and SuperNodes serve many rounds). One model is kept at a time."""
-    key = (model, device)
+    (Ray actors and SuperNodes serve many rounds and clients) and kept across rounds. One
+    model is kept at a time. On a GPU the base copy stays in (pinned) host memory: a reset
+    copies it over the model's weights, and the GPU holds one copy of the model, not two."""
+    key = (model, str(device))
     if key not in _BASE:
-        _BASE.clear()
-        m, tok = load(model, device=device)
-        base = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        if _BASE:
+            _BASE.clear()
+            devices.release(torch.device(device))
+        m, tok = load(model, device=str(device))
+        on_gpu = torch.device(device).type == "cuda"
+        base = {
+            k: (v.detach().to("cpu").pin_memory() if on_gpu else v.detach().clone()) for k, v in m.state_dict().items()
+        }
         _BASE[key] = (m, tok, base)
     return _BASE[key]
 
@@ -64,9 +75,15 @@ class TrainOutcome:
 class LocalNode:
     """Client ``partition_id`` of the federation in ``cfg``."""
 
-    def __init__(self, cfg: RunConfig, partition_id: int, data: ClientData | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, partition_id: int, data: ClientData | None = None, *, gpu_share: str = "the whole GPU"
+    ) -> None:
         """``data``: the client's examples and evaluation tasks (default: its share of the
-        federation in ``cfg``; the single-task and tuning runs pass their own)."""
+        federation in ``cfg``; the single-task and tuning runs pass their own). ``gpu_share``:
+        how much of the GPU this client was given, named in an out-of-memory error. A
+        device this process cannot use is a DeviceError here, before any round."""
+        self.device = devices.resolve(cfg.device)
+        self.gpu_share = gpu_share
         self.cfg = cfg
         self.partition_id = partition_id
         self.data: ClientData = data or client_data(
@@ -74,7 +91,6 @@ class LocalNode:
         )
         if not self.data.train:
             raise ValueError(f"client {partition_id} of federation {cfg.federation!r} holds no training data")
-        self.device = cfg.resolved_device()
 
     # ---- the mask on disk (client-state-dir) ---------------------------------------
 
@@ -126,6 +142,27 @@ class LocalNode:
             out[f"n.{task.name}"] = float(len(task.test))
         return out
 
+    def _on_device(self, phase: str, work: Callable[[], T]) -> T:
+        """Run ``work``, measuring peak GPU memory from its start and releasing memory after
+        it, also when it fails. A CUDA out-of-memory becomes a GpuOutOfMemory naming the
+        model, the GPU, this client's share and the settings to change; it is raised once
+        the failed step's tensors are freed, so that the process serves the next round."""
+        devices.start_peak(self.device)
+        try:
+            return work()
+        except torch.OutOfMemoryError:
+            pass  # leaving the handler drops the traceback and the tensors its frames hold
+        finally:
+            devices.release(self.device)
+        cfg = self.cfg
+        raise devices.out_of_memory(cfg.model, self.device, self.gpu_share, phase, cfg.batch_size, cfg.max_len)
+
+    def _peak(self, metrics: dict[str, float]) -> dict[str, float]:
+        peak = devices.peak_bytes(self.device)
+        if peak is not None:
+            metrics["gpu-peak-bytes"] = float(peak)
+        return metrics
+
     # ---- one training round ------------------------------------------------------
 
     @property
@@ -148,7 +185,22 @@ class LocalNode:
         registered this client's LoTA mask in an earlier round (reuse the mask, upload
         values only). eval_start / eval_local: also score the received model / the locally
         tuned one. register_mask: the server holds no mask for this client (it asks after
-        refusing a values-only upload): send a full upload, which registers the mask again."""
+        refusing a values-only upload): send a full upload, which registers the mask again.
+        On a GPU the report carries ``gpu-peak-bytes``, this process's peak for the round."""
+        return self._on_device(
+            "training",
+            lambda: self._train(global_payload, mask_payload, server_round, eval_start, eval_local, register_mask),
+        )
+
+    def _train(
+        self,
+        global_payload: bytes,
+        mask_payload: bytes | None,
+        server_round: int,
+        eval_start: bool,
+        eval_local: bool,
+        register_mask: bool,
+    ) -> TrainOutcome:
         cfg = self.cfg
         model, tok, load_s = self._model_at(global_payload)
         metrics: dict[str, float] = {"partition-id": float(self.partition_id), "load-seconds": load_s}
@@ -204,13 +256,16 @@ class LocalNode:
             "values-only": float(values_only),
             "index-entropy-bytes": 0.0 if values_only else _index_entropy_bytes(upload),
         }
-        return TrainOutcome(payload, values_only, new_mask, metrics, seen=list(res.seen))
+        return TrainOutcome(payload, values_only, new_mask, self._peak(metrics), seen=list(res.seen))
 
     # ---- evaluation of received models -------------------------------------------
 
     def evaluate(self, payloads: dict[str, bytes]) -> dict[str, float]:
         """Score ``base + G_m`` for each candidate ``m`` (merge name -> global payload) on
         this client's test split(s): keys ``score.<task>@<merge>``."""
+        return self._on_device("evaluating", lambda: self._evaluate(payloads))
+
+    def _evaluate(self, payloads: dict[str, bytes]) -> dict[str, float]:
         out: dict[str, float] = {}
         t0 = time.perf_counter()
         for name, payload in payloads.items():
@@ -220,7 +275,7 @@ class LocalNode:
         out["eval-seconds"] = time.perf_counter() - t0
         out["num-examples"] = float(sum(len(t.test) for t in self.data.tasks))
         out["partition-id"] = float(self.partition_id)
-        return out
+        return self._peak(out)
 
 
 def _index_entropy_bytes(tv: SparseTaskVector) -> float:

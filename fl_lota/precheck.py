@@ -6,6 +6,9 @@ the ServerApp after Flower has started. ``check_run`` loads each task as its cli
 (``fl_lota.tasks.get_task``) and the model's shapes, and raises ``PrecheckError`` naming the
 task or model and the problem.
 
+Without ``local_only`` (``fl-lota run``/``compare``: the clients run here) the device is
+checked too: ``device=cuda`` with a CPU build of torch or no GPU fails before Flower starts.
+
 ``local_only=True`` (the ServerApp): on the deployment engine a client's files live on the
 client's machine, so a ``file:`` path that does not exist here is not an error here: the
 client checks it, and a client that fails every round fails the run.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .device import DeviceError, resolve
 from .runconfig import RunConfig
 from .tasks import TaskSpecError, get_task, is_spec, parse_spec, task_label
 
@@ -46,6 +50,11 @@ def check_run(cfg: RunConfig, *, local_only: bool = False, check_model: bool = T
             get_task(spec, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.data_seed)
         except (TaskSpecError, FileNotFoundError, ValueError) as e:
             raise PrecheckError(f"task {task_label(spec)!r} cannot be loaded: {e}") from None
+    if not local_only:  # the clients of a local simulation compute on this machine, with this torch
+        try:
+            resolve(cfg.device)
+        except DeviceError as e:
+            raise PrecheckError(str(e)) from None
     if check_model:
         try:
             param_shapes(cfg.model)

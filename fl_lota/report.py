@@ -119,8 +119,27 @@ def write_run_report(out: str | Path, rows: Sequence[dict], *, wall_seconds: flo
     if wall_seconds is not None:
         train = sum(r.get("seconds", {}).get("client_train", 0.0) for r in rows)
         text += [f"Wall time {wall_seconds:.0f} s; client training {train:.0f} s (summed over clients).", ""]
+    text += _gpu_lines(rows)
     (out / "summary.md").write_text("\n".join(text))
     _plot_run(out, rows)
+
+
+def _gpu_lines(rows: Sequence[dict]) -> list[str]:
+    """Peak GPU memory per client process (torch's allocator, this client's tensors only),
+    the most over the rounds, for training and evaluation; nothing for a CPU run."""
+    peaks: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for phase, key in (("training", "clients"), ("evaluation", "eval_clients")):
+            for c in r.get(key, []):
+                if c.get("gpu_peak_bytes") is not None:
+                    d = peaks.setdefault(c["client"], {})
+                    d[phase] = max(d.get(phase, 0), c["gpu_peak_bytes"])
+    if not peaks:
+        return []
+    out = ["Peak GPU memory per client (torch allocator, most over the rounds):", ""]
+    for client, d in sorted(peaks.items()):
+        out.append(f"- {client}: " + ", ".join(f"{phase} {b / 2**30:.2f} GiB" for phase, b in sorted(d.items())))
+    return [*out, ""]
 
 
 def _plot_run(out: Path, rows: Sequence[dict]) -> None:

@@ -27,7 +27,7 @@ MAX_SECONDS = 1e7  # 115 days
 # train reply: exact keys, and keys by prefix (the task or phase comes after the dot)
 TRAIN_COUNTS = (
     "num-examples", "steps", "fb-passes", "train-examples", "distinct-examples", "stream-start",
-    "stream-end", "trained-params", "nnz", "numel", "payload-bytes",
+    "stream-end", "trained-params", "nnz", "numel", "payload-bytes", "gpu-peak-bytes",
 )  # fmt: skip
 TRAIN_SECONDS = ("load-seconds", "train-seconds", "eval-seconds", "codec-seconds")
 TRAIN_FINITE = ("loss-first", "loss-last")
@@ -135,7 +135,7 @@ def train_report(
 
 def eval_report(raw: Mapping[str, object], *, num_clients: int, max_items: int | None = None) -> EvalReport:
     """The metrics of an evaluation reply, checked; raises ReportError naming the field."""
-    exact = {"num-examples": "count", "eval-seconds": "seconds", "partition-id": "finite"}
+    exact = {"num-examples": "count", "eval-seconds": "seconds", "partition-id": "finite", "gpu-peak-bytes": "count"}
     metrics = {}
     for key, value in raw.items():
         v = _number(str(key), value)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from . import codec
+from . import device as devices
 from .merge import MERGE_METHODS
 from .methods import FINETUNE_METHODS
 from .optim import OPTIMIZERS
@@ -107,7 +108,7 @@ class RunConfig:
             raise bad("fraction-train", f"must lie in (0, 1], got {self.fraction_train}")
         if not 0 < self.ties_k <= 1:
             raise bad("ties-k", f"must lie in (0, 1], got {self.ties_k}")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+        if not devices.valid_spec(self.device):
             raise bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.results_dir and not Path(os.path.expanduser(self.results_dir)).is_absolute():
             raise bad(
@@ -218,11 +219,9 @@ class RunConfig:
         return {}
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        """The device this process computes on (``fl_lota.device.resolve``: a GPU asked for
+        and not usable here is a DeviceError naming why)."""
+        return str(devices.resolve(self.device))
 
     @property
     def max_upload_bytes(self) -> int:

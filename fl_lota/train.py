@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from tqdm.auto import tqdm
 
+from .device import DeviceError, describe
 from .optim import OPTIMIZERS, build_optimizer, clip_per_tensor_
 
 __all__ = ["TrainConfig", "TrainStats", "train"]
@@ -64,8 +65,14 @@ class TrainStats:
 
 
 def _autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` (CPU and CUDA alike); a GPU without bf16 (before
+    Ampere) is a DeviceError naming the setting, not an error deep in torch."""
     if not enabled:
         return nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DeviceError(
+            f"{describe(device)} has no bfloat16 support; train in float32 with bf16=false in the run config"
+        )
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
@@ -130,5 +137,7 @@ def train(
             p.requires_grad_(rg)
             p.grad = None
         model.train(was_training)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last step's kernels count in the seconds
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -15,9 +15,8 @@ import sys
 import time
 from dataclasses import asdict
 
-import torch
-
 from . import codec
+from .device import resolve
 from .evaluate import evaluate
 from .methods import FINETUNE_METHODS, finetune
 from .models import DEFAULT_MODEL, load
@@ -57,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--values", default="bf16", choices=sorted(codec.VALUE_DTYPES), help="wire dtype of the update")
     ap.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N")
     ap.add_argument("--skip-base", action="store_true", help="do not evaluate the base model")
     ap.add_argument("--save", help="write the task vector to this .safetensors file")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
@@ -67,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, task=None) -> dict:
     """Fine-tune as ``args`` say; returns the figures ``main`` prints."""
     task = task or get_task(args.task, n_train=args.n_train, n_test=args.n_test, seed=args.seed, source=args.source)
-    model, tok = load(args.model, device=args.device)
+    model, tok = load(args.model, device=str(resolve(args.device)))
     out = {"task": task.name, "method": args.method, "metric": task.metric, "model": args.model}
     if not args.skip_base:
         out["base"] = evaluate(model, tok, task)["score"]

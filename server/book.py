@@ -133,6 +133,7 @@ class RoundBook:
                 "eval_seconds": m.get("eval-seconds", 0.0),
                 "load_seconds": m.get("load-seconds", 0.0),
                 "codec_seconds": m.get("codec-seconds", 0.0),
+                "gpu_peak_bytes": _opt_int(m.get("gpu-peak-bytes")),  # None off a GPU
                 "metrics": m,
             }
         )
@@ -202,6 +203,7 @@ class RoundBook:
                 "client": self.client_name(pid),
                 "downlink_bytes": self._eval_downlink.get(node, 0),
                 "eval_seconds": metrics.get("eval-seconds", 0.0),
+                "gpu_peak_bytes": _opt_int(metrics.get("gpu-peak-bytes")),
             }
         )
 
@@ -273,3 +275,7 @@ class RoundBook:
         if row.get("rejected") or row.get("failures"):
             parts.append(f"rejected {len(row['rejected'])}, failed {len(row['failures'])}")
         return " | ".join(parts)
+
+
+def _opt_int(v: float | None) -> int | None:
+    return None if v is None else int(v)

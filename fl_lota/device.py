@@ -1,0 +1,115 @@
+"""Where a client computes: the device named by the run config, checked with named errors,
+GPU memory figures, memory released between rounds, and out-of-memory as a named error.
+
+Under Flower's Ray simulation a client sees a GPU only when it was given a GPU share
+(``client-resources-num-gpus``): Ray then sets ``CUDA_VISIBLE_DEVICES`` for the actor, and
+``cuda`` is that GPU. Several clients with shares below 1 run on the same GPU at once, each
+in its own process, each holding its own copy of the model; ``release`` after every round
+hands the cached blocks of that process back to the driver, so that the clients that follow
+find the memory free.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+
+import torch
+
+__all__ = ["DeviceError", "GpuOutOfMemory", "describe", "peak_bytes", "release", "resolve", "start_peak"]
+
+_SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+SHARE_HINT = "client-resources-num-gpus"
+
+
+class DeviceError(RuntimeError):
+    """The run config names a device this process cannot use; the message says why and
+    which setting to change."""
+
+
+class GpuOutOfMemory(RuntimeError):
+    """A client ran out of GPU memory; the message names the model, the GPU, this client's
+    share of it and the settings that lower the need."""
+
+
+def valid_spec(spec: str) -> bool:
+    return bool(_SPEC.match(spec))
+
+
+def resolve(spec: str) -> torch.device:
+    """The torch device for a run config's ``device`` (``auto``: ``cuda`` when a GPU is
+    visible, else ``cpu``). A GPU asked for and not usable is a DeviceError naming why:
+    a CPU build of torch, no GPU visible to this process, or an index past the last GPU."""
+    if not valid_spec(spec):
+        raise DeviceError(f"device {spec!r}: must be auto, cpu, cuda or cuda:N")
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.backends.cuda.is_built() and torch.version.hip is None:
+        raise DeviceError(
+            f"device {spec!r}: this torch ({torch.__version__}) is a CPU build; install the CUDA build of "
+            "torch for your driver (README, Set-up) or set device=cpu"
+        )
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = (
+            f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU from it"
+            if visible is not None and not visible.strip(", ")
+            else "torch finds no usable GPU (does nvidia-smi list one?)"
+        )
+        raise DeviceError(
+            f"device {spec!r}: no GPU is visible to this process: {where}. In a Flower simulation a client "
+            f"sees a GPU only with a GPU share: --federation-config '{SHARE_HINT}=0.25' (4 clients per GPU); "
+            "or set device=cpu"
+        )
+    dev = torch.device(spec)
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise DeviceError(
+            f"device {spec!r}: this process sees {count} GPU(s) (cuda:0..cuda:{count - 1}); under Ray each client "
+            "sees only the GPU of its share, as cuda:0: use device=cuda"
+        )
+    return dev
+
+
+def describe(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H100, 79.2 GiB)``, or ``cpu``."""
+    if device.type != "cuda":
+        return str(device)
+    p = torch.cuda.get_device_properties(device)
+    return f"{device} ({p.name}, {p.total_memory / 2**30:.1f} GiB)"
+
+
+def start_peak(device: torch.device) -> None:
+    """Start measuring this process's peak GPU memory (``peak_bytes``) afresh."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    """Most GPU memory this process's tensors held since ``start_peak`` (None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def release(device: torch.device) -> None:
+    """Free what the last round left: collect unreachable tensors (optimizer state,
+    activations held by a traceback) and return the cached GPU blocks to the driver."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def out_of_memory(
+    model: str, device: torch.device, share: str, phase: str, batch_size: int, max_len: int
+) -> GpuOutOfMemory:
+    """The error a client raises after a CUDA out-of-memory in ``phase``: what ran, on
+    which GPU with which share, and the settings that lower the need."""
+    return GpuOutOfMemory(
+        f"CUDA out of memory while {phase} model {model!r} on {describe(device)}; this client's GPU share: "
+        f"{share}. Give each client a larger share ({SHARE_HINT}=0.5 runs 2 clients per GPU at once, 1.0 one), "
+        f"or lower batch-size (now {batch_size}) or max-len (now {max_len}) in the run config"
+    )
