@@ -10,6 +10,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_lota.console import quiet_libraries
 from fl_lota.fedclient import LocalNode
 from fl_lota.runconfig import RunConfig
 
@@ -41,6 +42,7 @@ def _node(context: Context) -> LocalNode:
         raise ValueError("node config lacks 'partition-id'; start the SuperNode with --node-config 'partition-id=N'")
     pid = int(context.node_config["partition-id"])
     if (cfg, pid) not in _NODES:  # data is built once per process and client
+        quiet_libraries(cfg.verbose)
         _NODES.clear()
         _NODES[(cfg, pid)] = LocalNode(cfg, pid, gpu_share=gpu_share())
     return _NODES[(cfg, pid)]

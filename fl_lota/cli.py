@@ -67,6 +67,9 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--gpus-per-client", type=float, help="Ray: GPU share per client, e.g. 0.25 = 4 per GPU")
     ap.add_argument("--cpus-per-client", type=float, help="Ray: CPU cores per client (Flower's default: 2)")
     ap.add_argument("--flwr-home", help="private Flower state folder (its own local SuperLink)")
+    ap.add_argument(
+        "--verbose", action="store_true", help="clients keep the libraries' progress bars and messages (verbose=true)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,13 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--no-estimate", action="store_true", help="skip the speed probe behind the time estimate")
     cmp.add_argument("--out", help="folder for the runs and the table (default ~/fl-lota-results/compare-<time>); "
                      "give an existing one to resume it")  # fmt: skip
+    exp = sub.add_parser("export", help="the merged model of a run as a Hugging Face model folder")
+    exp.add_argument("results", help="the run's results folder (its path is logged first)")
+    exp.add_argument("--out", required=True, help="a new folder for the model (nothing is overwritten)")
+    exp.add_argument("--merge", help="which merge scored in the run (default: the run's own)")
+    exp.add_argument(
+        "--client-updates", metavar="DIR", help="also copy each client's last update (safetensors) into DIR"
+    )
     sub.add_parser("tune", help="fine-tune one model on one task (see python -m fl_lota.tune -h)", add_help=False)
     return ap
 
 
 def cmd_run(args) -> int:
     app = Path(args.app)
-    sets = parse_sets(args.set)
+    sets = parse_sets(args.set) | ({"verbose": True} if args.verbose else {})
     cfg = _effective(app, args.conf, sets)
     check_run(cfg)  # every task and the model, before Flower starts
     launch(
@@ -109,7 +119,7 @@ def cmd_compare(args) -> int:
 
     app = Path(args.app)
     grid = parse_grid(args.grid)
-    sets = parse_sets(args.set)
+    sets = parse_sets(args.set) | ({"verbose": True} if args.verbose else {})
     given = set(sets) | (
         set(tomllib.loads(Path(args.conf).read_text())) if args.conf and Path(args.conf).is_file() else set()
     )
@@ -145,6 +155,17 @@ def cmd_compare(args) -> int:
     return run_compare(plan, out, plan_only=args.plan_only, estimate=not args.no_estimate)
 
 
+def cmd_export(args) -> int:
+    from .export import export_client_updates, export_model
+
+    out = export_model(args.results, args.out, merge=args.merge)
+    print(f"fl-lota: model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    if args.client_updates:
+        files = export_client_updates(args.results, args.client_updates)
+        print(f"fl-lota: {len(files)} client update(s) written to {args.client_updates}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "tune":
@@ -154,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "compare": cmd_compare}[args.command](args)
+        return {"run": cmd_run, "compare": cmd_compare, "export": cmd_export}[args.command](args)
     except (RunFailed, FileNotFoundError, ValueError) as e:
         print(f"fl-lota: error: {e}", file=sys.stderr)
         return 2

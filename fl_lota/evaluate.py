@@ -40,7 +40,7 @@ def generate(
     try:
         chats = [chat] * len(prompts) if isinstance(chat, bool) else list(chat)
         texts = [format_prompt(tokenizer, p, c) for p, c in zip(prompts, chats, strict=True)]
-        for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=not progress, leave=False):
+        for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=None if progress else True, leave=False):
             enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
             gen = model.generate(

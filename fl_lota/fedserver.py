@@ -106,6 +106,7 @@ class Aggregator:
         self.seen: set[str] = set()  # nodes online at some round since this server started
         self.former: dict[int, str] = {}  # partition -> the owner it was taken over from
         self.resend_mask: set[str] = set()  # nodes to ask for a full upload (no mask matched)
+        self.last: dict[str, tuple[bytes, SparseTaskVector | None]] = {}  # node -> last accepted (payload, mask)
 
     def restore(
         self, global_tv: SparseTaskVector, masks: Mapping[str, SparseTaskVector], owners: Mapping[int, str]
@@ -207,7 +208,14 @@ class Aggregator:
         self._measure(up, head.values_only, layout, tv)
         self._bind(up, gone, mask if head.values_only else (layout if self.cfg.method == "lota" else None), reclaim)
         self.resend_mask.discard(up.client)
+        self.last[up.client] = (up.payload, mask)  # compressed; decoded again only for export
         return self._clip(tv)
+
+    def last_update(self, node: str) -> SparseTaskVector:
+        """``node``'s last accepted upload as it sent it (indices and values; LoRA: the
+        factors), before any clipping."""
+        payload, mask = self.last[node]
+        return codec.decode(payload, mask=mask)
 
     def _measure(self, up: Upload, values_only: bool, layout: SparseTaskVector, tv: SparseTaskVector) -> None:
         """Record what the upload holds; a client whose report disagrees is refused (its

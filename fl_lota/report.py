@@ -1,7 +1,9 @@
 """One run's results as people read them: markdown tables and PNG plots from metrics.jsonl.
 
 ``write_run_report``: summary.md (a row per round: bytes and scores), scores.png (per-task
-score of the global model per round) and bytes.png (cumulative bytes per round). The
+score of the global model per round), bytes.png (cumulative bytes per round) and
+score_vs_bytes.png (per-task score against its client's cumulative bytes, both directions;
+the numbers in score_vs_bytes.json). The
 comparison over runs (``fl-lota compare``) is ``fl_lota.compare.table``.
 """
 
@@ -11,7 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["read_rows", "write_run_report"]
+__all__ = ["client_bytes", "read_rows", "score_vs_bytes", "write_run_report"]
 
 MB = 1e6
 
@@ -30,6 +32,46 @@ def read_rows(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not a JSON row ({e.msg})") from None
     return rows
+
+
+def client_bytes(rows: Sequence[dict]) -> list[dict[str, dict[str, int]]]:
+    """Per round, each client's cumulative bytes up to and including it, both directions:
+    ``{client: {"uplink", "downlink", "eval_downlink", "total"}}`` (uplink: its reply
+    messages; downlink: its training instructions; eval_downlink: its evaluation ones)."""
+    acc: dict[str, dict[str, int]] = {}
+    out = []
+    for r in rows:
+        for c in r.get("clients", []):
+            a = acc.setdefault(c["client"], {"uplink": 0, "downlink": 0, "eval_downlink": 0})
+            a["uplink"] += c.get("message_bytes", 0)
+            a["downlink"] += c.get("downlink_bytes", 0)
+        for c in r.get("eval_clients", []):
+            a = acc.setdefault(c["client"], {"uplink": 0, "downlink": 0, "eval_downlink": 0})
+            a["eval_downlink"] += c.get("downlink_bytes", 0)
+        out.append({k: v | {"total": v["uplink"] + v["downlink"] + v["eval_downlink"]} for k, v in acc.items()})
+    return out
+
+
+def score_vs_bytes(rows: Sequence[dict]) -> dict:
+    """Each task's score of the global model (the run's merge) against that task's client's
+    cumulative bytes (both directions), one point per evaluated round; round 0 is the base
+    model at 0 bytes. What ``score_vs_bytes.png`` draws and ``score_vs_bytes.json`` holds."""
+    if not rows:
+        return {"merge": None, "tasks": {}}
+    merge = rows[-1].get("merge")
+    cum = client_bytes(rows)
+    start = next((r["start_scores"] for r in rows if r.get("start_scores")), {})
+    tasks: dict[str, list[dict]] = {t: [{"round": 0, "bytes": 0, "score": v}] for t, v in start.items()}
+    for r, by_client in zip(rows, cum, strict=True):
+        for t, v in r.get("scores", {}).get(merge, {}).items():
+            b, of = by_client.get(t), t  # one task per client: the client is named after its task
+            if b is None and by_client:  # tasks mixed over clients: the mean client
+                keys = ("uplink", "downlink", "eval_downlink", "total")
+                b = {k: sum(c[k] for c in by_client.values()) / len(by_client) for k in keys}
+                of = "mean over clients"
+            point = {"round": r["round"], "bytes": (b or {}).get("total"), "bytes_of": of, "score": v}
+            tasks.setdefault(t, []).append(point | (b or {}))
+    return {"merge": merge, "method": rows[-1].get("method"), "tasks": tasks}
 
 
 def _mb(b: float) -> str:
@@ -160,6 +202,23 @@ def _plot_run(out: Path, rows: Sequence[dict]) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "scores.png", dpi=120)
+    plt.close(fig)
+
+    curves = score_vs_bytes(rows)
+    (out / "score_vs_bytes.json").write_text(json.dumps(curves, indent=1) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t, pts in sorted(curves["tasks"].items()):
+        pts = [p for p in pts if p["bytes"] is not None]
+        ax.plot([p["bytes"] / MB for p in pts], [p["score"] for p in pts], marker="o", label=t)
+    ax.set(
+        xlabel="MB sent and received by the task's client (cumulative, both directions)",
+        ylabel="score",
+        title=f"score against bytes ({rows[-1].get('method')} + {merge})",
+        ylim=(0, 1.02),
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "score_vs_bytes.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -26,7 +26,7 @@ __all__ = ["KEYS", "RESUME_MAY_CHANGE", "RunConfig", "RunConfigError"]
 
 # what a run resumed from a checkpoint may change (more rounds, another timeout, and where
 # its folders now are: a moved results folder resumes); any other difference is refused
-RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout", "results_dir", "client_state_dir")
+RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout", "results_dir", "client_state_dir", "verbose")
 
 
 class RunConfigError(ValueError):
@@ -72,6 +72,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # training randomness: the order of each client's example stream, LoRA/random-mask init
     data_seed: int = 0  # which examples each task holds (generated samples, held-out splits)
+    verbose: bool = False  # clients keep the libraries' progress bars and messages (fl_lota.console)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> RunConfigError:

@@ -108,7 +108,9 @@ def train(
     was_training = model.training
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, leave=False, disable=steps < 2 or not progress)
+    # a bar only on a terminal (None: tqdm shows it when stderr is one); a Ray actor's
+    # stderr is not, so federated clients print no bars into the run's log
+    bar = tqdm(total=steps, desc=desc, leave=False, disable=True if steps < 2 or not progress else None)
     try:
         for _ in range(steps):
             ts = time.perf_counter()

@@ -259,6 +259,32 @@ class RoundBook:
 
     # ---- printing -----------------------------------------------------------------
 
+    def client_lines(self, phase: str) -> list[str]:
+        """One line per client of this round for ``phase`` (``train``: its phases' seconds,
+        loss and upload; ``evaluate``: seconds and the scores of the run's merge)."""
+        r = self.row["round"]
+        out = []
+        if phase == "train":
+            for c in sorted(self.row["clients"], key=lambda c: c["partition"]):
+                m = c["metrics"]
+                phases = ", ".join(f"{k[8:]} {v:.1f} s" for k, v in m.items() if k.startswith("seconds."))
+                line = f"round {r} {c['client']}: train {c['train_seconds']:.1f} s ({phases})"
+                if c.get("loss_first") is not None:
+                    line += f", loss {c['loss_first']:.3f} -> {c['loss_last']:.3f}"
+                kind = "values-only" if c["values_only"] else "indices + values"
+                line += f", upload {c['payload_bytes'] / 1e6:.2f} MB ({kind})"
+                out.append(line + _gpu(c))
+        else:
+            for (_, m), c in zip(self._evals, self.row.get("eval_clients", []), strict=True):
+                suffix = f"@{self.cfg.merge}"
+                scores = " ".join(
+                    f"{k[6 : -len(suffix)]}={v:.3f}"
+                    for k, v in m.items()
+                    if k.startswith("score.") and k.endswith(suffix)
+                )
+                out.append(f"round {r} {c['client']}: evaluate {c['eval_seconds']:.1f} s, {scores}" + _gpu(c))
+        return out
+
     @staticmethod
     def round_line(row: dict) -> str:
         mb = 1e6
@@ -279,3 +305,8 @@ class RoundBook:
 
 def _opt_int(v: float | None) -> int | None:
     return None if v is None else int(v)
+
+
+def _gpu(c: dict) -> str:
+    peak = c.get("gpu_peak_bytes")
+    return "" if peak is None else f", GPU peak {peak / 2**30:.2f} GiB"

@@ -176,6 +176,8 @@ class LotaFedAvg(FedAvg):
             log(WARNING, "round %d: rejected upload: %s", server_round, reason)
             self.book.reject(int(client), reason)
         self.book.merged(result, train_wall=t_recv - self._t.get("train-sent", t_recv))
+        for line in self.book.client_lines("train"):
+            log(INFO, "%s", line)
         if len(result.accepted) < max(1, self.cfg.min_replies):
             log(
                 WARNING,
@@ -266,6 +268,8 @@ class LotaFedAvg(FedAvg):
                 continue
             scored.add(report.partition)
             self.book.evaluated(node, report.metrics)
+        for line in self.book.client_lines("evaluate"):
+            log(INFO, "%s", line)
         now = time.perf_counter()
         row = self.book.end_round(
             eval_wall=now - self._t.get("eval-start", now), round_wall=now - self._t.get("round-start", now)

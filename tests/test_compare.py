@@ -357,3 +357,18 @@ def test_generated_test_items_share_no_phrasing_with_train():
         t = get_task(name, n_train=300, n_test=100)
         train = {skeleton(s.prompt) for s in t.train}
         assert not {skeleton(s.prompt) for s in t.test} & train, name
+
+
+def test_score_against_bytes_per_method_and_merge(tmp_path):
+    write_comparison(tmp_path, _results(tmp_path))
+    curves = json.loads((tmp_path / "compare_score_vs_bytes.json").read_text())
+    base, r2 = curves["lota:mask_aware"]["points"]
+    assert (base["round"], base["bytes_per_client"], base["score"]) == (0, 0, pytest.approx(0.05))
+    # round 2, per client: 2 uplinks + round 2's downlink + 2 evaluation downlinks; the
+    # score is the task average, mean ± std over the 2 seeds
+    assert r2["round"] == 2 and r2["n"] == 2
+    assert (r2["min"], r2["bytes_per_client"], r2["max"]) == (22_200_000, 22_200_001, 22_200_002)
+    assert r2["score"] == pytest.approx(0.4) and r2["score_sd"] == pytest.approx(math.sqrt(2 * 0.05**2))
+    fft = curves["fft:fedavg"]["points"][-1]
+    assert (fft["bytes_per_client"], fft["score"], fft["n"]) == (46, pytest.approx(0.35), 1)  # the failed seed is out
+    assert (tmp_path / "compare_score_vs_bytes.png").stat().st_size > 1000

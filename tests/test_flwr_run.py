@@ -64,6 +64,22 @@ def test_flwr_run_tiny_federation(flwr_home, tmp_path):
     for name in ("summary.md", "scores.png", "bytes.png", "config.json", "global_update.safetensors"):
         assert (out / name).stat().st_size > 0, name
     assert "| 2 | 2/2 (2 values-only)" in (out / "summary.md").read_text()
+    # what the run made, exported: plain transformers loads base + G
+    assert sorted(p.name for p in (out / "client_updates").iterdir()) == [
+        "p0-math.safetensors",
+        "p1-classify.safetensors",
+    ]
+    assert cli_main(["export", str(out), "--out", str(tmp_path / "model")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    from fl_lota.models import load
+    from fl_lota.task_vector import SparseTaskVector
+
+    ids = torch.tensor([[1, 50, 60, 70]])
+    model, _ = load("tiny")
+    SparseTaskVector.load(out / "global_update.safetensors").apply_to(model)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "model")(ids).logits, model(ids).logits)
 
 
 def test_a_failed_run_is_reported_with_flowers_reason(flwr_home, tmp_path, capsys):

@@ -3,6 +3,8 @@ checks (before any run starts)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fl_lota import report
@@ -81,3 +83,29 @@ def test_cli_refuses_a_bad_config_before_starting(capsys, tmp_path):
     assert "'lr'" in capsys.readouterr().err
     assert main(["compare", "--set", "seed=3", "--plan-only"]) == 2  # compare sets the seeds itself
     assert "seed" in capsys.readouterr().err
+
+
+def test_run_report_draws_each_tasks_score_against_its_clients_bytes(tmp_path):
+    from fl_lota.report import write_run_report
+
+    def client(name, up, down):
+        return {"client": name, "partition": 0, "message_bytes": up, "downlink_bytes": down}
+
+    rows = [
+        {
+            "round": 1, "method": "lota", "merge": "mask_aware", "start_scores": {"math": 0.1},
+            "clients": [client("math", 100, 0)], "eval_clients": [{"client": "math", "downlink_bytes": 40}],
+            "scores": {"mask_aware": {"math": 0.3}},
+        },
+        {
+            "round": 2, "method": "lota", "merge": "mask_aware",
+            "clients": [client("math", 60, 40)], "eval_clients": [{"client": "math", "downlink_bytes": 50}],
+            "scores": {"mask_aware": {"math": 0.5}},
+        },
+    ]  # fmt: skip
+    write_run_report(tmp_path, rows)
+    data = json.loads((tmp_path / "score_vs_bytes.json").read_text())
+    pts = data["tasks"]["math"]
+    assert [(p["round"], p["bytes"], p["score"]) for p in pts] == [(0, 0, 0.1), (1, 140, 0.3), (2, 290, 0.5)]
+    assert (pts[2]["uplink"], pts[2]["downlink"], pts[2]["eval_downlink"]) == (160, 40, 90)
+    assert (tmp_path / "score_vs_bytes.png").stat().st_size > 1000

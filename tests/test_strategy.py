@@ -19,6 +19,7 @@ from test_federated import sparse_tv
 from clients.wire import PAYLOAD, content_bytes, fltv_array, payloads
 from fl_lota import codec
 from fl_lota.runconfig import RunConfig
+from fl_lota.task_vector import SparseTaskVector
 from server.book import RoundBook
 from server.strategy import LotaFedAvg
 
@@ -465,3 +466,53 @@ def test_the_books_hold_what_the_server_measured(tmp_path):
     tv = sparse_tv(1)
     assert c["numel"] == tv.numel and c["nnz"] == tv.nnz and c["payload_bytes"] == len(payloads_[0])
     assert 0 < c["index_entropy_bytes"] < 1e6 and row["index_entropy_bytes"] == c["index_entropy_bytes"]
+
+
+def test_the_log_has_one_line_per_client_and_phase(tmp_path, monkeypatch):
+    import server.strategy as strategy_module
+
+    lines: list[str] = []
+    monkeypatch.setattr(strategy_module, "log", lambda level, fmt, *args: lines.append(fmt % args))
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1})
+    phases = {"seconds.calibrate": 35.25, "seconds.extract": 0.5, "seconds.sparse_adapt": 36.0, "train-seconds": 71.75}
+    loss = {"loss-first": 2.25, "loss-last": 0.5}
+    strategy.aggregate_train(
+        1,
+        [
+            train_reply(12, codec.encode(sparse_tv(2)), 1, **{"seconds.train": 12.0, "train-seconds": 12.0}),
+            train_reply(11, codec.encode(sparse_tv(1)), 0, **phases, **loss, **{"gpu-peak-bytes": 3 * 2.0**30}),
+        ],
+    )
+    size = len(codec.encode(sparse_tv(1))) / 1e6
+    assert lines == [
+        f"round 1 math: train 71.8 s (calibrate 35.2 s, extract 0.5 s, sparse_adapt 36.0 s), loss 2.250 -> 0.500, "
+        f"upload {size:.2f} MB (indices + values), GPU peak 3.00 GiB",
+        f"round 1 sql: train 12.0 s (train 12.0 s), upload {len(codec.encode(sparse_tv(2))) / 1e6:.2f} MB "
+        "(indices + values)",
+    ]
+    lines.clear()
+    m = {"score.math@mask_aware": 0.25, "score.math@ties": 0.5, "n.math": 4.0, "partition-id": 0.0}
+    book.eval_sent({11: 1})
+    strategy.aggregate_evaluate(1, [Reply(11, RecordDict({"metrics": MetricRecord(m | {"eval-seconds": 40.0})}))])
+    assert lines[0] == "round 1 math: evaluate 40.0 s, math=0.250"
+    assert lines[1].startswith("round 1: 2/2 uploads")  # the round's summary line follows
+
+
+def test_the_results_folder_keeps_every_scored_merge_and_each_clients_last_update(tmp_path):
+    from server.app import save_updates
+
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1})
+    t1, t2 = sparse_tv(1), sparse_tv(2)
+    strategy.aggregate_train(1, [train_reply(11, codec.encode(t1), 0), train_reply(12, codec.encode(t2), 1)])
+    save_updates(tmp_path, strategy.aggregator, book, strategy.cfg)
+    agg = strategy.aggregator
+    assert SparseTaskVector.load(tmp_path / "global_update.safetensors").nnz == agg.global_tv.nnz
+    ties = SparseTaskVector.load(tmp_path / "global_update@ties.safetensors")
+    want = codec.decode(agg.candidates["ties"])
+    assert all(torch.equal(ties.get(n).values, want.get(n).values) for n in want)
+    names = sorted(p.name for p in (tmp_path / "client_updates").iterdir())
+    assert names == ["p0-math.safetensors", "p1-sql.safetensors"]
+    got = SparseTaskVector.load(tmp_path / "client_updates" / "p1-sql.safetensors")
+    assert torch.equal(got.get("a").indices, codec.decode(codec.encode(t2)).get("a").indices)

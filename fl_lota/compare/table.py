@@ -1,4 +1,5 @@
-"""The comparison as people read it: compare.md, compare.json and compare.png.
+"""The comparison as people read it: compare.md, compare.json, compare.png, and
+compare_score_vs_bytes.png (with its numbers in compare_score_vs_bytes.json).
 
 Input: what ``fl_lota.compare.Comparison`` gathered (``results``). Every score is a mean
 +- sample standard deviation over seeds. Absolute scores come first; ``normalized`` is,
@@ -15,7 +16,9 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["federation_stats", "mean_std", "normalized", "write_comparison"]
+from ..report import client_bytes
+
+__all__ = ["federation_stats", "mean_std", "normalized", "score_bytes_curves", "write_comparison"]
 
 MB = 1e6
 
@@ -137,6 +140,51 @@ def summarize(results: Mapping) -> dict:
         e |= {"uplink_r1": ups1, "uplink_later": ups2, "downlink_later": downs2, "eval_downlink": evals}
         e |= {"passes": passes, "train_seconds": secs}
         out[run] = e
+    return out
+
+
+def score_bytes_curves(results: Mapping) -> dict:
+    """Per (method, merge): at each evaluated round, the task-average score of the global
+    model (the run's merge; mean ± std over seeds) against the bytes one client sent and
+    received up to then (both directions, evaluation included; the mean over clients, and
+    its min and max). Round 0 is the base model at 0 bytes. Seeds that lack a task's score
+    in a round are left out of that round's point."""
+    setup = results["setup"]
+    tasks = setup["tasks"]
+    base = results.get("base", {})
+    out: dict[str, dict] = {}
+    for run, by_seed in results.get("federations", {}).items():
+        per_round: dict[int, dict[str, list[float]]] = {}
+        for fed in by_seed.values():
+            rows = fed.get("rows") or []
+            for r, by_client in zip(rows, client_bytes(rows), strict=True):
+                scores = r.get("scores", {}).get(r.get("merge"), {})
+                if not by_client or any(t not in scores for t in tasks):
+                    continue
+                totals = [c["total"] for c in by_client.values()]
+                p = per_round.setdefault(r["round"], {"score": [], "bytes": [], "min": [], "max": []})
+                p["score"].append(sum(scores[t] for t in tasks) / len(tasks))
+                p["bytes"].append(sum(totals) / len(totals))
+                p["min"].append(min(totals))
+                p["max"].append(max(totals))
+        points = []
+        if base and all(t in base for t in tasks):
+            b = sum(base[t] for t in tasks) / len(tasks)
+            points.append({"round": 0, "bytes_per_client": 0, "min": 0, "max": 0, "score": b, "score_sd": 0.0, "n": 1})
+        for rnd, p in sorted(per_round.items()):
+            m, sd, n = mean_std(p["score"])
+            points.append(
+                {
+                    "round": rnd,
+                    "bytes_per_client": sum(p["bytes"]) / len(p["bytes"]),
+                    "min": min(p["min"]),
+                    "max": max(p["max"]),
+                    "score": m,
+                    "score_sd": 0.0 if math.isnan(sd) else sd,
+                    "n": n,
+                }
+            )
+        out[run] = {"points": points}
     return out
 
 
@@ -357,7 +405,36 @@ def write_comparison(out: str | Path, results: Mapping) -> Path:
     md = out / "compare.md"
     md.write_text(tables(results))
     _plot(out, results, summary)
+    _plot_curves(out, score_bytes_curves(results))
     return md
+
+
+def _plot_curves(out: Path, curves: Mapping) -> None:
+    """compare_score_vs_bytes.png and .json: one curve per method x merge."""
+    (out / "compare_score_vs_bytes.json").write_text(json.dumps(curves, indent=1) + "\n")
+    if not any(len(c["points"]) > 1 for c in curves.values()):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for run, c in curves.items():
+        pts = c["points"]
+        x = [p["bytes_per_client"] / MB for p in pts]
+        y = [p["score"] for p in pts]
+        ax.errorbar(x, y, yerr=[p["score_sd"] for p in pts], marker="o", capsize=3, label=run.replace(":", " + "))
+    ax.set(
+        xlabel="MB per client, cumulative (uplink + downlink, evaluation included; mean over clients)",
+        ylabel="task-average score (mean ± std over seeds)",
+        title="merged score against bytes",
+        ylim=(0, 1.02),
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "compare_score_vs_bytes.png", dpi=120)
+    plt.close(fig)
 
 
 def _plot(out: Path, results: Mapping, summary: Mapping) -> None:
