@@ -50,7 +50,22 @@ def _effective(app: Path, conf: str | None, sets: dict[str, object]) -> RunConfi
     return RunConfig.from_run_config(effective_config(app, conf, sets))
 
 
+def _gpu_note(cfg: RunConfig, args) -> None:
+    """A GPU visible here and no GPU share asked for: Ray hides the GPU from clients that
+    hold no share (CUDA_VISIBLE_DEVICES=''), so they would train on the CPU. Say so."""
+    import torch
+
+    if args.gpus_per_client is None and cfg.device != "cpu" and torch.cuda.is_available():
+        print(
+            f"fl-lota: note: this machine has a GPU, but clients get a GPU share only with --gpus-per-client "
+            f"(e.g. 0.25: 4 clients per GPU); without one Ray hides the GPU from them and device={cfg.device} "
+            + ("trains on the CPU" if cfg.device == "auto" else "fails, naming this setting"),
+            file=sys.stderr,
+        )
+
+
 def _federation(cfg: RunConfig, args) -> dict[str, object]:
+    _gpu_note(cfg, args)
     fed: dict[str, object] = {"num-supernodes": args.supernodes or FederationSpec.parse(cfg.federation).num_clients}
     if args.gpus_per_client is not None:
         fed["client-resources-num-gpus"] = args.gpus_per_client

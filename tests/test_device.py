@@ -217,3 +217,19 @@ def test_a_client_trains_and_evaluates_on_the_gpu():
     scores = node.evaluate({"mask_aware": r1.payload})
     assert 0.0 <= scores["score.math@mask_aware"] <= 1.0 and scores["gpu-peak-bytes"] > 0
     assert torch.cuda.memory_reserved() <= kept + (64 << 20)  # cached blocks handed back
+
+
+def test_fl_lota_run_says_when_a_gpu_is_here_but_clients_get_no_share(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from fl_lota.cli import _federation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = RunConfig(**{**TINY, "device": "auto"})
+    _federation(cfg, SimpleNamespace(supernodes=None, gpus_per_client=None, cpus_per_client=None))
+    assert "--gpus-per-client" in capsys.readouterr().err
+    fed = _federation(cfg, SimpleNamespace(supernodes=None, gpus_per_client=0.25, cpus_per_client=None))
+    assert fed["client-resources-num-gpus"] == 0.25 and capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _federation(cfg, SimpleNamespace(supernodes=None, gpus_per_client=None, cpus_per_client=None))
+    assert capsys.readouterr().err == ""
