@@ -100,7 +100,7 @@ class GpuSampler:
 def federation(args) -> None:
     from fl_lota.launch import launch
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="gpu-share-"))
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu-share-")).absolute()  # results-dir must be absolute
     results = {}
     shares = [float(s) for s in args.shares.split(",")]
     if len(set(shares)) != len(shares):
@@ -138,7 +138,9 @@ def federation(args) -> None:
             "train_wall_seconds": train_wall,
             "client_rounds": len(clients),
             "client_train_seconds": sum(c["train_seconds"] for c in clients),
-            "client_rounds_per_hour": len(clients) / (wall / 3600),
+            # per hour of the rounds themselves (Ray, Flower and model start-up left out), and of the launch
+            "client_rounds_per_hour": len(clients) / (sum(r["seconds"]["round_wall"] for r in rows) / 3600),
+            "client_rounds_per_hour_launch": len(clients) / (wall / 3600),
             "gpu_peak_gib_per_client": {k: v / 2**30 for k, v in sorted(peaks.items())},
             "mean_score": rows[-1].get("mean_score"),
         } | gpu.summary()
@@ -148,18 +150,20 @@ def federation(args) -> None:
         f"\nGPU: {_gpu_name()}; {Path(args.conf).name}, {args.clients} clients, client-resources-num-cpus={args.cpus}"
     )
     print(
-        "| share | wall s | client-rounds | client-rounds/h | client train s | GPU util mean/max % | GPU mem max GiB |"
+        "| share | launch s | rounds s | client-rounds | client-rounds/h (rounds) | (launch) | client train s "
+        "| GPU util mean/max % | GPU mem max GiB |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s, r in results.items():
         util = "n/a" if r["util_mean"] is None else f"{r['util_mean']:.0f} / {r['util_max']:.0f}"
         mem = "n/a" if r["mem_max_mib"] is None else f"{r['mem_max_mib'] / 1024:.1f}"
         print(
-            f"| {s:g} | {r['wall_seconds']:.0f} | {r['client_rounds']} | {r['client_rounds_per_hour']:.1f} "
+            f"| {s:g} | {r['wall_seconds']:.0f} | {r['round_wall_seconds']:.0f} | {r['client_rounds']} "
+            f"| {r['client_rounds_per_hour']:.1f} | {r['client_rounds_per_hour_launch']:.1f} "
             f"| {r['client_train_seconds']:.0f} | {util} | {mem} |"
         )
     ratio = first["client_rounds_per_hour"] / last["client_rounds_per_hour"]
-    print(f"client-rounds per hour, share {shares[0]:g} / share {shares[-1]:g} = {ratio:.2f} (target >= 2)")
+    print(f"client-rounds per hour of rounds, share {shares[0]:g} / share {shares[-1]:g} = {ratio:.2f} (target >= 2)")
     (out / "gpu_share.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     print(f"results: {out}")
 
@@ -222,7 +226,7 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         r = _steps(args, "lota", args.steps, model)
         r |= {"seconds": time.perf_counter() - t0, "ok": True}
-    except torch.OutOfMemoryError as e:
+    except torch.cuda.OutOfMemoryError as e:
         r = {"ok": False, "error": str(e).splitlines()[0]}
     print(json.dumps(r), flush=True)
 
@@ -271,7 +275,7 @@ def _together(args, k: int) -> tuple[bool, float]:
             outs.append(json.loads(lines[-1]) if lines else {"ok": False, "error": f"exit {p.returncode}"})
     if not all(o.get("ok") for o in outs):
         return False, 0.0
-    return True, k * args.steps / max(o["seconds"] for o in outs)
+    return True, k / max(o["step_median_s"] for o in outs)  # warm-up step and mask building left out
 
 
 def main() -> None:

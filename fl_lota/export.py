@@ -16,8 +16,9 @@ started from. The file format (``fl_lota.task_vector.v1``) is plain safetensors:
     metadata: format = "fl_lota.task_vector.v1", names = JSON list of the parameters,
               shape::<param> = "d0,d1,..."
 
-so ``param.view(-1)[indices] += values`` applies it (LoRA runs store the factors
-``<weight>.lora_B`` (out, r) and ``.lora_A`` (r, in), dense: the update is B @ A).
+so ``param.view(-1)[indices] += values`` applies it. LoRA runs store the factors, dense:
+``<weight>::lora_B::values`` (out * r) and ``<weight>::lora_A::values`` (r * in), shapes
+``shape::<weight>::lora_B`` and ``shape::<weight>::lora_A``; the update is B @ A.
 
 The results folder holds ``global_update.safetensors`` (the run's merge) and, for each
 further merge it scored (``eval-merges``), ``global_update@<merge>.safetensors``: ``G`` of
@@ -85,7 +86,11 @@ def _fresh(out: Path) -> None:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place (a reader never sees half an export)."""
+    """Move the finished folder into place (a reader never sees half an export), readable
+    as any folder this process makes (mkdtemp's are private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     if out.exists():
         out.rmdir()  # empty, checked by _fresh
     os.replace(tmp, out)
@@ -146,7 +151,8 @@ def model_card(cfg: RunConfig, merge: str, rows: list[dict], g: SparseTaskVector
     """The exported folder's README.md: where the weights come from and what they scored."""
     base = DEFAULT_SOURCE if cfg.model == DEFAULT_MODEL else cfg.model
     remerge = merge != cfg.merge
-    last = next((r for r in reversed(rows) if r.get("scores", {}).get(merge)), None)
+    # scores of these weights only: the last round's (an earlier round scored another G)
+    last = rows[-1] if rows and rows[-1].get("scores", {}).get(merge) else None
     lines = [
         "---",
         "library_name: transformers",
@@ -180,7 +186,10 @@ def model_card(cfg: RunConfig, merge: str, rows: list[dict], g: SparseTaskVector
         )
     lines += ["", "## Scores", ""]
     if last is None:
-        lines.append("This merge was not scored in the run (no evaluation round recorded it).")
+        lines.append(
+            "These weights were not scored in the run: the last round recorded no score for this merge "
+            "(no evaluation that round, or every evaluation reply failed); earlier rounds scored other weights."
+        )
     else:
         start = next((r["start_scores"] for r in rows if r.get("start_scores")), {})
         lines += [

@@ -148,11 +148,17 @@ class LocalNode:
         model, the GPU, this client's share and the settings to change; it is raised once
         the failed step's tensors are freed, so that the process serves the next round."""
         devices.start_peak(self.device)
+        oom = False
         try:
             return work()
-        except torch.OutOfMemoryError:
-            pass  # leaving the handler drops the traceback and the tensors its frames hold
+        except torch.cuda.OutOfMemoryError:
+            oom = True  # leaving the handler drops the traceback and the tensors its frames hold
+        except BaseException:
+            _BASE.clear()  # the kept model may be half-changed (a LoRA wrap, a partial step): load it afresh
+            raise
         finally:
+            if oom:
+                _BASE.clear()  # its memory too: the next round loads the model again
             devices.release(self.device)
         cfg = self.cfg
         raise devices.out_of_memory(cfg.model, self.device, self.gpu_share, phase, cfg.batch_size, cfg.max_len)

@@ -106,7 +106,7 @@ class Aggregator:
         self.seen: set[str] = set()  # nodes online at some round since this server started
         self.former: dict[int, str] = {}  # partition -> the owner it was taken over from
         self.resend_mask: set[str] = set()  # nodes to ask for a full upload (no mask matched)
-        self.last: dict[str, tuple[bytes, SparseTaskVector | None]] = {}  # node -> last accepted (payload, mask)
+        self.last: dict[str, bytes] = {}  # node -> its upload accepted this round (the payload as sent)
 
     def restore(
         self, global_tv: SparseTaskVector, masks: Mapping[str, SparseTaskVector], owners: Mapping[int, str]
@@ -208,14 +208,8 @@ class Aggregator:
         self._measure(up, head.values_only, layout, tv)
         self._bind(up, gone, mask if head.values_only else (layout if self.cfg.method == "lota" else None), reclaim)
         self.resend_mask.discard(up.client)
-        self.last[up.client] = (up.payload, mask)  # compressed; decoded again only for export
+        self.last[up.client] = up.payload  # this round's only: the server app writes them to disk
         return self._clip(tv)
-
-    def last_update(self, node: str) -> SparseTaskVector:
-        """``node``'s last accepted upload as it sent it (indices and values; LoRA: the
-        factors), before any clipping."""
-        payload, mask = self.last[node]
-        return codec.decode(payload, mask=mask)
 
     def _measure(self, up: Upload, values_only: bool, layout: SparseTaskVector, tv: SparseTaskVector) -> None:
         """Record what the upload holds; a client whose report disagrees is refused (its
@@ -264,6 +258,7 @@ class Aggregator:
         t0 = time.perf_counter()
         vectors, weights, accepted, rejected = [], [], [], {}
         self._measured = {}
+        self.last = {}
         self.seen |= online or set()
         for up in uploads:
             try:

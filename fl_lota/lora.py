@@ -54,7 +54,11 @@ def lora_finetune(
     torch.manual_seed(cfg.seed)
     peft_model = get_peft_model(model, pcfg)
     params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-    stats = train(peft_model, params, batches, cfg, desc="lora")
+    try:
+        stats = train(peft_model, params, batches, cfg, desc="lora")
+    except BaseException:
+        peft_model.unload()  # the model as it was: adapters removed, nothing merged
+        raise
     delta, factors = {}, {}
     with torch.no_grad():
         for name, mod in peft_model.base_model.model.named_modules():

@@ -34,43 +34,47 @@ def read_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def client_bytes(rows: Sequence[dict]) -> list[dict[str, dict[str, int]]]:
-    """Per round, each client's cumulative bytes up to and including it, both directions:
-    ``{client: {"uplink", "downlink", "eval_downlink", "total"}}`` (uplink: its reply
-    messages; downlink: its training instructions; eval_downlink: its evaluation ones)."""
-    acc: dict[str, dict[str, int]] = {}
+def client_bytes(rows: Sequence[dict]) -> list[dict[int, dict]]:
+    """Per round, each client's (by partition) cumulative bytes up to and including it,
+    both directions: ``{partition: {"client", "uplink", "downlink", "eval_downlink",
+    "total"}}`` (uplink: its reply messages; downlink: its training instructions;
+    eval_downlink: its evaluation ones)."""
+    acc: dict[int, dict] = {}
     out = []
     for r in rows:
-        for c in r.get("clients", []):
-            a = acc.setdefault(c["client"], {"uplink": 0, "downlink": 0, "eval_downlink": 0})
-            a["uplink"] += c.get("message_bytes", 0)
-            a["downlink"] += c.get("downlink_bytes", 0)
-        for c in r.get("eval_clients", []):
-            a = acc.setdefault(c["client"], {"uplink": 0, "downlink": 0, "eval_downlink": 0})
-            a["eval_downlink"] += c.get("downlink_bytes", 0)
-        out.append({k: v | {"total": v["uplink"] + v["downlink"] + v["eval_downlink"]} for k, v in acc.items()})
+        for key, field in (("clients", None), ("eval_clients", "eval_downlink")):
+            for c in r.get(key, []):
+                a = acc.setdefault(
+                    c.get("partition", -1), {"client": c.get("client"), "uplink": 0, "downlink": 0, "eval_downlink": 0}
+                )
+                if field is None:
+                    a["uplink"] += c.get("message_bytes", 0)
+                    a["downlink"] += c.get("downlink_bytes", 0)
+                else:
+                    a[field] += c.get("downlink_bytes", 0)
+        out.append({p: v | {"total": v["uplink"] + v["downlink"] + v["eval_downlink"]} for p, v in acc.items()})
     return out
 
 
 def score_vs_bytes(rows: Sequence[dict]) -> dict:
-    """Each task's score of the global model (the run's merge) against that task's client's
-    cumulative bytes (both directions), one point per evaluated round; round 0 is the base
-    model at 0 bytes. What ``score_vs_bytes.png`` draws and ``score_vs_bytes.json`` holds."""
+    """Each task's score of the global model (the run's merge) against the cumulative bytes
+    (both directions) of the client that holds it, one point per evaluated round; round 0 is
+    the base model at 0 bytes. A task held by several clients (or mixed over clients) is set
+    against their mean (``bytes_of`` says which). What ``score_vs_bytes.png`` draws."""
     if not rows:
         return {"merge": None, "tasks": {}}
     merge = rows[-1].get("merge")
-    cum = client_bytes(rows)
     start = next((r["start_scores"] for r in rows if r.get("start_scores")), {})
     tasks: dict[str, list[dict]] = {t: [{"round": 0, "bytes": 0, "score": v}] for t, v in start.items()}
-    for r, by_client in zip(rows, cum, strict=True):
+    keys = ("uplink", "downlink", "eval_downlink", "total")
+    for r, by_client in zip(rows, client_bytes(rows), strict=True):
         for t, v in r.get("scores", {}).get(merge, {}).items():
-            b, of = by_client.get(t), t  # one task per client: the client is named after its task
-            if b is None and by_client:  # tasks mixed over clients: the mean client
-                keys = ("uplink", "downlink", "eval_downlink", "total")
-                b = {k: sum(c[k] for c in by_client.values()) / len(by_client) for k in keys}
-                of = "mean over clients"
-            point = {"round": r["round"], "bytes": (b or {}).get("total"), "bytes_of": of, "score": v}
-            tasks.setdefault(t, []).append(point | (b or {}))
+            holders = [c for c in by_client.values() if c["client"] == t] or list(by_client.values())
+            of = t if len(holders) == 1 and holders[0]["client"] == t else f"mean over {len(holders)} clients"
+            b = {k: sum(c[k] for c in holders) / len(holders) for k in keys} if holders else {}
+            tasks.setdefault(t, []).append(
+                {"round": r["round"], "bytes": b.get("total"), "bytes_of": of, "score": v} | b
+            )
     return {"merge": merge, "method": rows[-1].get("method"), "tasks": tasks}
 
 
@@ -174,7 +178,7 @@ def _gpu_lines(rows: Sequence[dict]) -> list[str]:
         for phase, key in (("training", "clients"), ("evaluation", "eval_clients")):
             for c in r.get(key, []):
                 if c.get("gpu_peak_bytes") is not None:
-                    d = peaks.setdefault(c["client"], {})
+                    d = peaks.setdefault(f"{c['client']} (p{c.get('partition', '?')})", {})
                     d[phase] = max(d.get(phase, 0), c["gpu_peak_bytes"])
     if not peaks:
         return []

@@ -22,11 +22,13 @@ from .optim import OPTIMIZERS
 from .partition import FederationSpec
 from .train import TrainConfig
 
-__all__ = ["KEYS", "RESUME_MAY_CHANGE", "RunConfig", "RunConfigError"]
+__all__ = ["COSMETIC", "KEYS", "RESUME_MAY_CHANGE", "RunConfig", "RunConfigError"]
 
 # what a run resumed from a checkpoint may change (more rounds, another timeout, and where
 # its folders now are: a moved results folder resumes); any other difference is refused
 RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout", "results_dir", "client_state_dir", "verbose")
+# what changes only what a person sees, never a result: left out of every stored unit's key
+COSMETIC = ("verbose",)
 
 
 class RunConfigError(ValueError):
@@ -141,6 +143,11 @@ class RunConfig:
                 raise RunConfigError(f"run config {key!r}: expected {want.__name__}, got {value!r}")
             kw[f.name] = value
         return cls(**kw)
+
+    def identity(self) -> dict[str, object]:
+        """Every setting that can change a result (all but ``COSMETIC``): the key under
+        which comparison units are stored and reused."""
+        return {k: v for k, v in asdict(self).items() if k not in COSMETIC}
 
     def resumable(self) -> dict[str, object]:
         """The settings a checkpoint must match to be resumed (all but ``RESUME_MAY_CHANGE``)."""

@@ -69,7 +69,7 @@ def _autocast(device: torch.device, enabled: bool):
     Ampere) is a DeviceError naming the setting, not an error deep in torch."""
     if not enabled:
         return nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:  # bf16 needs Ampere or later
         raise DeviceError(
             f"{describe(device)} has no bfloat16 support; train in float32 with bf16=false in the run config"
         )

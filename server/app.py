@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -25,14 +24,13 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_lota import codec, reaper, report
+from fl_lota import reaper, report
 from fl_lota.checkpoint import load_checkpoint
-from fl_lota.export import CLIENT_UPDATES
-from fl_lota.fedserver import Aggregator
 from fl_lota.models import param_shapes
 from fl_lota.precheck import check_run
 from fl_lota.runconfig import RunConfig
 
+from . import updates
 from .book import RoundBook
 from .strategy import LotaFedAvg
 
@@ -46,21 +44,6 @@ def results_dir(cfg: RunConfig) -> Path:
         return Path(cfg.results_dir).expanduser()
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     return Path.home() / "fl-lota-results" / f"{stamp}-{cfg.method}-{cfg.merge}"
-
-
-def save_updates(out: Path, agg: Aggregator, book: RoundBook, cfg: RunConfig) -> None:
-    """G of the run's merge, G of each further merge scored in the last round, and each
-    client's last accepted update (safetensors; ``fl-lota export`` reads them)."""
-    agg.global_tv.save(out / "global_update.safetensors")
-    for name, payload in agg.candidates.items():
-        if name != cfg.merge:
-            codec.decode(payload).save(out / f"global_update@{name}.safetensors")
-    folder = out / CLIENT_UPDATES
-    for node in agg.last:
-        pid = agg.partition_of(node)
-        name = f"p{pid}-{book.client_name(pid)}" if pid is not None else f"node{node}"
-        folder.mkdir(exist_ok=True)
-        agg.last_update(node).save(folder / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".safetensors"))
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float = NODE_WAIT_SECONDS) -> None:
@@ -114,7 +97,8 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     strategy.run(grid, first_round=first, checkpoint_dir=ckpt_dir)
     wall = time.perf_counter() - t0
-    save_updates(out, strategy.aggregator, book, cfg)
+    for problem in updates.finish(out, strategy.aggregator, cfg):
+        log(WARNING, "fl-lota: a client's update was not written: %s", problem)
     report.write_run_report(out, book.rows, wall_seconds=wall)
     log(INFO, "fl-lota: %d rounds in %.0f s; summary in %s", len(book.rows), wall, out / "summary.md")
     never = book.never_accepted()

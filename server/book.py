@@ -261,28 +261,36 @@ class RoundBook:
 
     def client_lines(self, phase: str) -> list[str]:
         """One line per client of this round for ``phase`` (``train``: its phases' seconds,
-        loss and upload; ``evaluate``: seconds and the scores of the run's merge)."""
-        r = self.row["round"]
+        loss and upload, or that the upload was refused; ``evaluate``: seconds and the
+        scores of the run's merge). Figures a client sent that are absent print as ``?``;
+        nothing here raises on what a client reported."""
+        r = self.row.get("round")
         out = []
         if phase == "train":
-            for c in sorted(self.row["clients"], key=lambda c: c["partition"]):
-                m = c["metrics"]
-                phases = ", ".join(f"{k[8:]} {v:.1f} s" for k, v in m.items() if k.startswith("seconds."))
-                line = f"round {r} {c['client']}: train {c['train_seconds']:.1f} s ({phases})"
-                if c.get("loss_first") is not None:
-                    line += f", loss {c['loss_first']:.3f} -> {c['loss_last']:.3f}"
-                kind = "values-only" if c["values_only"] else "indices + values"
-                line += f", upload {c['payload_bytes'] / 1e6:.2f} MB ({kind})"
+            for c in sorted(self.row.get("clients", []), key=lambda c: c.get("partition", -1)):
+                line = f"round {r} {c.get('client')}: train {_num(c.get('train_seconds'), 1)} s"
+                m = c.get("metrics", {})
+                phases = ", ".join(f"{k[8:]} {_num(v, 1)} s" for k, v in m.items() if k.startswith("seconds."))
+                line += f" ({phases})" if phases else ""
+                if c.get("loss_first") is not None or c.get("loss_last") is not None:
+                    line += f", loss {_num(c.get('loss_first'))} -> {_num(c.get('loss_last'))}"
+                if c.get("accepted", True):
+                    kind = "values-only" if c.get("values_only") else "indices + values"
+                    line += f", upload {_num(c.get('payload_bytes', 0) / 1e6, 2)} MB ({kind})"
+                else:
+                    line += ", upload refused (reason above)"
                 out.append(line + _gpu(c))
         else:
+            suffix = f"@{self.cfg.merge}"
             for (_, m), c in zip(self._evals, self.row.get("eval_clients", []), strict=True):
-                suffix = f"@{self.cfg.merge}"
                 scores = " ".join(
-                    f"{k[6 : -len(suffix)]}={v:.3f}"
+                    f"{k[6 : -len(suffix)]}={_num(v)}"
                     for k, v in m.items()
                     if k.startswith("score.") and k.endswith(suffix)
                 )
-                out.append(f"round {r} {c['client']}: evaluate {c['eval_seconds']:.1f} s, {scores}" + _gpu(c))
+                out.append(
+                    f"round {r} {c.get('client')}: evaluate {_num(c.get('eval_seconds'), 1)} s, {scores}" + _gpu(c)
+                )
         return out
 
     @staticmethod
@@ -310,3 +318,7 @@ def _opt_int(v: float | None) -> int | None:
 def _gpu(c: dict) -> str:
     peak = c.get("gpu_peak_bytes")
     return "" if peak is None else f", GPU peak {peak / 2**30:.2f} GiB"
+
+
+def _num(v: object, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, int | float) and not isinstance(v, bool) else "?"

@@ -26,6 +26,7 @@ from fl_lota.fedserver import Aggregator, Upload
 from fl_lota.reports import ReportError, eval_report, train_report
 from fl_lota.runconfig import RESUME_MAY_CHANGE, RunConfig
 
+from . import updates
 from .book import RoundBook
 
 __all__ = ["LotaFedAvg"]
@@ -165,6 +166,10 @@ class LotaFedAvg(FedAvg):
                 continue
             uploads.append(Upload(str(node), payload, report.weight, report.metrics, partition=report.partition))
         result = self.aggregator.aggregate(uploads, online=getattr(self, "_online", None))
+        try:  # each accepted upload to disk (fl-lota export reads them); the round goes on if this fails
+            updates.spill(self.book.dir, self.aggregator, self.book)
+        except OSError as e:
+            log(WARNING, "round %d: the clients' updates were not written to %s: %s", server_round, self.book.dir, e)
         if result.merge_error:
             log(
                 WARNING,
@@ -176,8 +181,7 @@ class LotaFedAvg(FedAvg):
             log(WARNING, "round %d: rejected upload: %s", server_round, reason)
             self.book.reject(int(client), reason)
         self.book.merged(result, train_wall=t_recv - self._t.get("train-sent", t_recv))
-        for line in self.book.client_lines("train"):
-            log(INFO, "%s", line)
+        self._log_clients("train")
         if len(result.accepted) < max(1, self.cfg.min_replies):
             log(
                 WARNING,
@@ -240,6 +244,16 @@ class LotaFedAvg(FedAvg):
         self.book.eval_sent({m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         return messages
 
+    def _log_clients(self, phase: str) -> None:
+        """The per-client lines of this round; a line that cannot be written is skipped
+        (what a client reported never stops the round)."""
+        try:
+            lines = self.book.client_lines(phase)
+        except Exception as e:  # the lines are for people; the record is metrics.jsonl
+            lines = [f"round {self.book.row.get('round')}: per-client lines not written ({type(e).__name__}: {e})"]
+        for line in lines:
+            log(INFO, "%s", line)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, errors = self._check_and_log_replies(list(replies), is_train=False, validate=False)
         for msg in errors:
@@ -268,8 +282,7 @@ class LotaFedAvg(FedAvg):
                 continue
             scored.add(report.partition)
             self.book.evaluated(node, report.metrics)
-        for line in self.book.client_lines("evaluate"):
-            log(INFO, "%s", line)
+        self._log_clients("evaluate")
         now = time.perf_counter()
         row = self.book.end_round(
             eval_wall=now - self._t.get("eval-start", now), round_wall=now - self._t.get("round-start", now)

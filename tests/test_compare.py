@@ -153,7 +153,7 @@ def _rows(scores: dict[str, float], up: int, down: int, ev: int, merge: str = "m
             for i, t in enumerate(scores)
         ]
 
-    eval_clients = [{"client": t, "downlink_bytes": ev} for t in scores]
+    eval_clients = [{"client": t, "partition": i, "downlink_bytes": ev} for i, t in enumerate(scores)]
     return [
         {"round": 1, "merge": merge, "clients": clients(1), "eval_clients": eval_clients, "scores": {}},
         {"round": 2, "merge": merge, "clients": clients(2), "eval_clients": eval_clients, "scores": {merge: scores}},

@@ -80,11 +80,13 @@ def test_a_client_on_a_machine_without_a_gpu_fails_at_start_with_a_named_error()
 
 
 def test_bf16_on_a_gpu_without_it_names_the_setting(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))  # V100
     monkeypatch.setattr(train, "describe", lambda d: "cuda:0 (Tesla V100, 16.0 GiB)")
     with pytest.raises(device.DeviceError, match=r"V100.*no bfloat16.*bf16=false"):
         train._autocast(torch.device("cuda"), True)
     assert train._autocast(torch.device("cuda"), False) is not None  # float32 needs no check
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # A100
+    assert isinstance(train._autocast(torch.device("cuda"), True), torch.autocast)
 
 
 def test_out_of_memory_is_a_named_error_raised_after_the_memory_is_freed(monkeypatch):
@@ -98,7 +100,7 @@ def test_out_of_memory_is_a_named_error_raised_after_the_memory_is_freed(monkeyp
     def oom(*args, **kwargs):
         big = torch.zeros(1 << 20)  # what a failed step leaves in its frames (activations)
         held.append(weakref.ref(big))
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     def release(dev):
         real_release(dev)
@@ -177,19 +179,19 @@ def test_gpu_peak_is_a_checked_report_field_and_reaches_the_summary(tmp_path):
         train_report(base | {"gpu-peak-bytes": -1.0}, num_clients=2, max_examples=16)
     assert eval_report({"partition-id": 0.0, "gpu-peak-bytes": 5.0}, num_clients=2).metrics["gpu-peak-bytes"] == 5.0
     row = {"round": 1, "method": "lota", "merge": "mask_aware", "scores": {}}
-    cpu = dict(row, clients=[{"client": "math", "gpu_peak_bytes": None}])
+    cpu = dict(row, clients=[{"client": "math", "partition": 0, "gpu_peak_bytes": None}])
     write_run_report(tmp_path / "cpu", [cpu])
     assert "GPU" not in (tmp_path / "cpu" / "summary.md").read_text()
     rows = [
         dict(
             row,
-            clients=[{"client": "math", "gpu_peak_bytes": 3 * 2**30}],
-            eval_clients=[{"client": "math", "gpu_peak_bytes": 2**30}],
+            clients=[{"client": "math", "partition": 0, "gpu_peak_bytes": 3 * 2**30}],
+            eval_clients=[{"client": "math", "partition": 0, "gpu_peak_bytes": 2**30}],
         ),
-        dict(row, round=2, clients=[{"client": "math", "gpu_peak_bytes": 2**30}]),
+        dict(row, round=2, clients=[{"client": "math", "partition": 0, "gpu_peak_bytes": 2**30}]),
     ]
     write_run_report(tmp_path / "gpu", rows)
-    assert "- math: evaluation 1.00 GiB, training 3.00 GiB" in (tmp_path / "gpu" / "summary.md").read_text()
+    assert "- math (p0): evaluation 1.00 GiB, training 3.00 GiB" in (tmp_path / "gpu" / "summary.md").read_text()
 
 
 def test_outside_ray_the_share_is_the_whole_gpu():
@@ -233,3 +235,21 @@ def test_fl_lota_run_says_when_a_gpu_is_here_but_clients_get_no_share(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _federation(cfg, SimpleNamespace(supernodes=None, gpus_per_client=None, cpus_per_client=None))
     assert capsys.readouterr().err == ""
+
+
+def test_a_lora_client_serves_the_next_round_after_a_failed_one(monkeypatch):
+    from fl_lota import lora
+
+    cfg = RunConfig(**{**TINY, "method": "lora"})
+    expected = LocalNode(cfg, 0).train(EMPTY).payload
+    node = LocalNode(cfg, 0)
+    real = lora.train
+
+    def oom(*args, **kwargs):  # fails inside the adapter-wrapped model
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(lora, "train", oom)
+    with pytest.raises(device.GpuOutOfMemory):
+        node.train(EMPTY)
+    monkeypatch.setattr(lora, "train", real)
+    assert node.train(EMPTY).payload == expected  # no adapter left behind in the kept model

@@ -39,7 +39,7 @@ def results(tmp_path_factory):
     agg.global_tv.save(out / "global_update.safetensors")
     codec.decode(agg.candidates["ties"]).save(out / "global_update@ties.safetensors")
     (out / "client_updates").mkdir()
-    agg.last_update("10").save(out / "client_updates" / "p0-math.safetensors")
+    codec.decode(agg.last["10"]).save(out / "client_updates" / "p0-math.safetensors")
     row = {
         "round": 1,
         "scores": {"mask_aware": {"math": 0.5, "classify": 0.75}, "ties": {"math": 0.25, "classify": 0.75}},
@@ -100,7 +100,7 @@ def test_client_updates_are_plain_safetensors_with_flat_indices(results, tmp_pat
     raw = load_file(path)  # nothing of fl-lota needed to read and apply it
     model, _ = load("tiny")
     expected, _ = load("tiny")
-    agg.last_update("10").apply_to(expected)
+    codec.decode(agg.last["10"]).apply_to(expected)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key in raw:
@@ -145,3 +145,15 @@ def test_the_command_line_exports_and_reports_errors(results, tmp_path, capsys):
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "u" / "p0-math.safetensors").is_file()
     assert cli_main(["export", str(src), "--out", str(tmp_path / "x"), "--merge", "nope"]) == 2
     assert "no global update for merge 'nope'" in capsys.readouterr().err
+
+
+def test_the_card_shows_only_scores_of_the_exported_weights(results, tmp_path):
+    src, _ = results
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.json", "global_update.safetensors"):
+        (copy / name).write_bytes((src / name).read_bytes())
+    rows = [json.loads((src / "metrics.jsonl").read_text()), {"round": 2, "scores": {}}]  # round 2 not scored
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    card = (export_model(copy, tmp_path / "m") / "README.md").read_text()
+    assert "were not scored in the run" in card and "0.500" not in card

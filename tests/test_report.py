@@ -94,12 +94,14 @@ def test_run_report_draws_each_tasks_score_against_its_clients_bytes(tmp_path):
     rows = [
         {
             "round": 1, "method": "lota", "merge": "mask_aware", "start_scores": {"math": 0.1},
-            "clients": [client("math", 100, 0)], "eval_clients": [{"client": "math", "downlink_bytes": 40}],
+            "clients": [client("math", 100, 0)],
+            "eval_clients": [{"client": "math", "partition": 0, "downlink_bytes": 40}],
             "scores": {"mask_aware": {"math": 0.3}},
         },
         {
             "round": 2, "method": "lota", "merge": "mask_aware",
-            "clients": [client("math", 60, 40)], "eval_clients": [{"client": "math", "downlink_bytes": 50}],
+            "clients": [client("math", 60, 40)],
+            "eval_clients": [{"client": "math", "partition": 0, "downlink_bytes": 50}],
             "scores": {"mask_aware": {"math": 0.5}},
         },
     ]  # fmt: skip
@@ -109,3 +111,9 @@ def test_run_report_draws_each_tasks_score_against_its_clients_bytes(tmp_path):
     assert [(p["round"], p["bytes"], p["score"]) for p in pts] == [(0, 0, 0.1), (1, 140, 0.3), (2, 290, 0.5)]
     assert (pts[2]["uplink"], pts[2]["downlink"], pts[2]["eval_downlink"]) == (160, 40, 90)
     assert (tmp_path / "score_vs_bytes.png").stat().st_size > 1000
+
+    # two clients of the same task (federation "math,math"): set against their mean, not summed
+    twin = [dict(r, clients=[*r["clients"], client("math", 1000, 0) | {"partition": 1}]) for r in rows]
+    write_run_report(tmp_path / "twin", twin)
+    pts = json.loads((tmp_path / "twin" / "score_vs_bytes.json").read_text())["tasks"]["math"]
+    assert pts[1]["bytes_of"] == "mean over 2 clients" and pts[1]["uplink"] == (100 + 1000) / 2

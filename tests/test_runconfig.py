@@ -77,3 +77,12 @@ def test_finetune_options_follow_the_method():
     assert "calibration_steps" not in lota.finetune_options(first_round=False)
     assert RunConfig(method="fft").finetune_options(first_round=True) == {}
     assert RunConfig(method="lora", lora_rank=4).finetune_options(first_round=True) == {"rank": 4, "alpha": 8}
+
+
+def test_verbose_changes_no_stored_results_key_and_no_resume():
+    from fl_lota.runconfig import RunConfig
+
+    quiet, loud = RunConfig(), RunConfig(verbose=True)
+    assert quiet.identity() == loud.identity() and "verbose" not in quiet.identity()
+    assert quiet.resumable() == loud.resumable()
+    assert RunConfig(seed=1).identity() != quiet.identity()

@@ -474,7 +474,7 @@ def test_the_log_has_one_line_per_client_and_phase(tmp_path, monkeypatch):
     lines: list[str] = []
     monkeypatch.setattr(strategy_module, "log", lambda level, fmt, *args: lines.append(fmt % args))
     strategy, book = make(tmp_path)
-    book.start_round(1, {11: 1, 12: 1})
+    book.start_round(1, {11: 1, 12: 1, 13: 1})
     phases = {"seconds.calibrate": 35.25, "seconds.extract": 0.5, "seconds.sparse_adapt": 36.0, "train-seconds": 71.75}
     loss = {"loss-first": 2.25, "loss-last": 0.5}
     strategy.aggregate_train(
@@ -482,37 +482,54 @@ def test_the_log_has_one_line_per_client_and_phase(tmp_path, monkeypatch):
         [
             train_reply(12, codec.encode(sparse_tv(2)), 1, **{"seconds.train": 12.0, "train-seconds": 12.0}),
             train_reply(11, codec.encode(sparse_tv(1)), 0, **phases, **loss, **{"gpu-peak-bytes": 3 * 2.0**30}),
+            train_reply(13, b"garbage" * 20, 2, **{"loss-first": 1.0, "train-seconds": 3.0}),  # refused
         ],
     )
     size = len(codec.encode(sparse_tv(1))) / 1e6
+    assert lines.pop(0).startswith("round 1: rejected upload: client 13")  # the warning, then the lines
     assert lines == [
         f"round 1 math: train 71.8 s (calibrate 35.2 s, extract 0.5 s, sparse_adapt 36.0 s), loss 2.250 -> 0.500, "
         f"upload {size:.2f} MB (indices + values), GPU peak 3.00 GiB",
         f"round 1 sql: train 12.0 s (train 12.0 s), upload {len(codec.encode(sparse_tv(2))) / 1e6:.2f} MB "
         "(indices + values)",
+        "round 1 classify: train 3.0 s, loss 1.000 -> ?, upload refused (reason above)",
     ]
     lines.clear()
     m = {"score.math@mask_aware": 0.25, "score.math@ties": 0.5, "n.math": 4.0, "partition-id": 0.0}
     book.eval_sent({11: 1})
     strategy.aggregate_evaluate(1, [Reply(11, RecordDict({"metrics": MetricRecord(m | {"eval-seconds": 40.0})}))])
     assert lines[0] == "round 1 math: evaluate 40.0 s, math=0.250"
-    assert lines[1].startswith("round 1: 2/2 uploads")  # the round's summary line follows
+    assert lines[1].startswith("round 1: 2/3 uploads")  # the round's summary line follows
 
 
 def test_the_results_folder_keeps_every_scored_merge_and_each_clients_last_update(tmp_path):
-    from server.app import save_updates
+    from server import updates
 
     strategy, book = make(tmp_path)
-    book.start_round(1, {11: 1, 12: 1})
-    t1, t2 = sparse_tv(1), sparse_tv(2)
-    strategy.aggregate_train(1, [train_reply(11, codec.encode(t1), 0), train_reply(12, codec.encode(t2), 1)])
-    save_updates(tmp_path, strategy.aggregator, book, strategy.cfg)
     agg = strategy.aggregator
+    t1, t2 = sparse_tv(1), sparse_tv(2)
+    book.start_round(1, {11: 1, 12: 1})
+    strategy.aggregate_train(1, [train_reply(11, codec.encode(t1), 0), train_reply(12, codec.encode(t2), 1)])
+    # round 2: sql uploads values only, math is absent; the server holds no upload in memory after
+    book.start_round(2, {12: 1})
+    v2 = t2.with_values({n: t.values * 3 for n, t in t2.items()})
+    strategy.aggregate_train(2, [train_reply(12, codec.encode(v2, values_only=True), 1)])
+    assert set(agg.last) == {"12"}  # this round's only
+    (tmp_path / "global_update@fedavg.safetensors").write_bytes(b"from an earlier run of this folder")
+    assert updates.finish(tmp_path, agg, strategy.cfg) == []
     assert SparseTaskVector.load(tmp_path / "global_update.safetensors").nnz == agg.global_tv.nnz
     ties = SparseTaskVector.load(tmp_path / "global_update@ties.safetensors")
     want = codec.decode(agg.candidates["ties"])
     assert all(torch.equal(ties.get(n).values, want.get(n).values) for n in want)
-    names = sorted(p.name for p in (tmp_path / "client_updates").iterdir())
-    assert names == ["p0-math.safetensors", "p1-sql.safetensors"]
-    got = SparseTaskVector.load(tmp_path / "client_updates" / "p1-sql.safetensors")
-    assert torch.equal(got.get("a").indices, codec.decode(codec.encode(t2)).get("a").indices)
+    assert not (tmp_path / "global_update@fedavg.safetensors").exists()  # a stale re-merge is not kept
+    folder = tmp_path / "client_updates"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "p0-math.safetensors",
+        "p1-sql.safetensors",
+    ]
+    sql = SparseTaskVector.load(folder / "p1-sql.safetensors")  # round 2's values on round 1's mask
+    want = codec.decode(codec.encode(v2))
+    assert all(torch.equal(sql.get(n).indices, want.get(n).indices) for n in want)
+    assert all(torch.equal(sql.get(n).values, want.get(n).values) for n in want)
+    math_ = SparseTaskVector.load(folder / "p0-math.safetensors")  # its last accepted: round 1's
+    assert all(torch.equal(math_.get(n).values, codec.decode(codec.encode(t1)).get(n).values) for n in t1)

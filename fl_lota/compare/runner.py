@@ -14,7 +14,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 
 from .. import codec
@@ -198,7 +197,7 @@ class Comparison:
     def _single(self, path: Path, cfg: RunConfig, part: int, task: Task, *, keep: bool) -> tuple[dict, bool]:
         """One single-task run (stored at ``path``); ``keep``: also store its update beside
         it (``.fltv``), which the merge tuning reads."""
-        key = {"config": asdict(cfg), "task": task_fingerprint(task), "partition": part}
+        key = {"config": cfg.identity(), "task": task_fingerprint(task), "partition": part}
         vector = path.with_suffix(".fltv") if keep else None
         if vector is not None and not vector.is_file():
             path.unlink(missing_ok=True)  # the update is needed too: redo the run
@@ -215,7 +214,7 @@ class Comparison:
         for cand in cands:
             cfg = p.config(setting | cand | {"method": method, "seed": seed, "merge": merge})
             key = {
-                "config": asdict(cfg),
+                "config": cfg.identity(),
                 "tasks": [task_fingerprint(t) for t in val],
                 "updates": [hashlib.blake2b(u, digest_size=16).hexdigest() for u in updates],
             }
@@ -337,7 +336,7 @@ def _settings(cfg: RunConfig) -> dict:
     """A federation's settings as stored: its folders left out, so a comparison folder that
     was moved still recognises its finished runs."""
     return {
-        k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in ("results_dir", "client_state_dir")
+        k: v for k, v in json.loads(json.dumps(cfg.identity())).items() if k not in ("results_dir", "client_state_dir")
     }
 
 
