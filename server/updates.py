@@ -6,7 +6,9 @@ atomically) to ``client_updates/.p<N>-<task>.fltv``; a full upload (one that car
 mask) also to ``.p<N>-<task>.mask.fltv``. The server keeps none of them in memory, and a
 resumed run finds them. At the end ``finish`` decodes each client's last payload (a
 values-only one against its last full upload) into ``client_updates/p<N>-<task>.safetensors``
-(``fl_lota.export`` documents the format) and removes the payloads.
+(``fl_lota.export`` documents the format). The payloads stay (hidden, about one upload and
+one mask per client): a run resumed for more rounds decodes its later values-only uploads
+against them.
 """
 
 from __future__ import annotations
