@@ -108,7 +108,14 @@ def client_data(
         seed=seed,
     )
     part.dataset = ds
-    rows = part.load_partition(partition_id)["row"]
+    try:
+        rows = part.load_partition(partition_id)["row"]
+    except ValueError as e:  # flwr-datasets gives up when a client would get no example
+        raise ValueError(
+            f"federation {','.join(spec.tasks)};clients={spec.num_clients};alpha={spec.alpha:g}: the Dirichlet split "
+            f"of {len(pool)} training examples ({n_train} per task) over {spec.num_clients} clients leaves some "
+            f"client without examples ({str(e).splitlines()[0][:120]}); raise n-train or alpha, or use fewer clients"
+        ) from None
     train = [tasks[pool[r][0]].train[pool[r][1]] for r in rows]
     held = sorted({pool[r][0] for r in rows})
     return ClientData(partition_id, train, [tasks[i] for i in held])

@@ -50,6 +50,13 @@ def check_run(cfg: RunConfig, *, local_only: bool = False, check_model: bool = T
             get_task(spec, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.data_seed)
         except (TaskSpecError, FileNotFoundError, ValueError) as e:
             raise PrecheckError(f"task {task_label(spec)!r} cannot be loaded: {e}") from None
+    if cfg.spec.alpha is not None and not skipped:  # a mixed federation: the split itself must work
+        from .partition import client_data
+
+        try:
+            client_data(cfg.spec, 0, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.data_seed)
+        except ValueError as e:
+            raise PrecheckError(str(e)) from None
     if not local_only:  # the clients of a local simulation compute on this machine, with this torch
         try:
             resolve(cfg.device)

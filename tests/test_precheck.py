@@ -58,3 +58,10 @@ def test_the_command_stops_before_flower_starts(tmp_path, capsys):
     assert not (home / "fl-lota-ports.json").exists()  # no SuperLink was started for it
     assert main(["compare", "--set", f"federation=math,{bad}", "--plan-only", "--no-estimate"]) == 2
     assert "task 'nope'" in capsys.readouterr().err
+
+
+def test_a_dirichlet_split_that_leaves_a_client_empty_is_named_before_anything_runs():
+    cfg = RunConfig(model="tiny", federation="math,classify;clients=32;alpha=0.5", n_train=16, n_test=4)
+    with pytest.raises(PrecheckError, match=r"32 training examples \(16 per task\) over 32 clients .* raise n-train"):
+        check_run(cfg, check_model=False)
+    check_run(RunConfig(model="tiny", federation="math,classify;clients=4;alpha=0.5", n_train=16, n_test=4))
