@@ -36,6 +36,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .models import DEFAULT_MODEL, load
+from .report import read_rows
 from .runconfig import RunConfig
 from .task_vector import SparseTaskVector
 
@@ -75,9 +76,7 @@ def update_files(results: str | Path) -> dict[str, Path]:
 
 def _rows(results: Path) -> list[dict]:
     path = results / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path) if path.is_file() else []  # a damaged row is an error naming its line
 
 
 def _fresh(out: Path) -> None:
