@@ -12,12 +12,20 @@ merge its own federation; 3 seeds; evaluation after the last round only) and pri
     FFT / LoTA uplink ratios;
   - the wall time of each federation and its share outside client training and evaluation.
 The same arguments after ``--`` go to ``fl-lota compare`` (e.g. ``-- --seeds 2``).
+
+    python bench/federation.py --from /abs/folder --records bench/results/federation
+
+copies the comparison's records (the JSON of every finished unit, each federation's
+metrics.jsonl and launch files; no updates, checkpoints or client state) into a folder small
+enough to keep: copied back into an --out folder, they let a later call, on this or another
+machine, resume where this one stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -103,11 +111,31 @@ def report(folder: Path) -> None:
     sys.stdout.flush()
 
 
+# what a comparison folder holds that a resumed comparison needs (everything else is large)
+RECORDS = ("*.json", "*.jsonl", "*.md")
+SKIP = ("checkpoint", "client-state", "client_updates")
+
+
+def copy_records(folder: Path, dest: Path) -> int:
+    """Copy the records of ``folder`` into ``dest`` (same relative paths); returns bytes copied."""
+    total = 0
+    for pattern in RECORDS:
+        for f in folder.rglob(pattern):
+            rel = f.relative_to(folder)
+            if any(part in SKIP or ".stale-" in part for part in rel.parts) or ".tmp-" in f.name:
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / rel)
+            total += f.stat().st_size
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="absolute folder for a new (or resumed) comparison")
     ap.add_argument("--from", dest="src", help="a finished comparison folder")
     ap.add_argument("--flwr-home", help="private Flower state folder")
+    ap.add_argument("--records", help="copy the comparison's records (small) into this folder")
     ap.add_argument("extra", nargs="*", help="further fl-lota compare arguments, after --")
     args = ap.parse_args()
     if not (args.out or args.src):
@@ -121,7 +149,13 @@ def main() -> None:
         t0 = time.perf_counter()
         rc = cli_main(argv)
         print(f"compare took {time.perf_counter() - t0:.0f} s (exit {rc})")
-    report(folder)
+    if args.records:
+        n = copy_records(folder, Path(args.records))
+        print(f"records of {folder} copied to {args.records} ({n / MB:.2f} MB)")
+    if (folder / "compare.json").is_file():
+        report(folder)
+    else:
+        print(f"{folder} has no compare.json yet (the comparison has not reached its table)")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,20 @@ from __future__ import annotations
 import gc
 import os
 import re
+from contextlib import nullcontext
 
 import torch
 
-__all__ = ["DeviceError", "GpuOutOfMemory", "describe", "peak_bytes", "release", "resolve", "start_peak"]
+__all__ = [
+    "DeviceError",
+    "GpuOutOfMemory",
+    "autocast_bf16",
+    "describe",
+    "peak_bytes",
+    "release",
+    "resolve",
+    "start_peak",
+]
 
 _SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 SHARE_HINT = "client-resources-num-gpus"
@@ -104,12 +114,35 @@ def release(device: torch.device) -> None:
 
 
 def out_of_memory(
-    model: str, device: torch.device, share: str, phase: str, batch_size: int, max_len: int
+    model: str,
+    device: torch.device,
+    share: str,
+    phase: str,
+    batch_size: int,
+    max_len: int,
+    eval_batch_size: int | None = None,
 ) -> GpuOutOfMemory:
     """The error a client raises after a CUDA out-of-memory in ``phase``: what ran, on
     which GPU with which share, and the settings that lower the need."""
     return GpuOutOfMemory(
         f"CUDA out of memory while {phase} model {model!r} on {describe(device)}; this client's GPU share: "
         f"{share}. Give each client a larger share ({SHARE_HINT}=0.5 runs 2 clients per GPU at once, 1.0 one), "
-        f"or lower batch-size (now {batch_size}) or max-len (now {max_len}) in the run config"
+        + (
+            f"or lower eval-batch-size (now {eval_batch_size}: prompts answered together) in the run config"
+            if phase == "evaluating" and eval_batch_size is not None
+            else f"or lower batch-size (now {batch_size}) or max-len (now {max_len}) in the run config"
+        )
     )
+
+
+def autocast_bf16(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` (CPU and CUDA alike), for training and generation; a GPU
+    without bf16 (before Ampere) is a DeviceError naming the setting, not an error deep in
+    torch."""
+    if not enabled:
+        return nullcontext()
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:  # bf16 needs Ampere or later
+        raise DeviceError(
+            f"{describe(device)} has no bfloat16 support; train in float32 with bf16=false in the run config"
+        )
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

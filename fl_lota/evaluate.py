@@ -11,10 +11,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .device import autocast_bf16
 from .prompting import format_prompt
 from .tasks.base import Sample, Task
 
-__all__ = ["evaluate", "generate", "normalized_scores"]
+__all__ = ["DEFAULT_BATCH", "evaluate", "generate", "normalized_scores"]
+
+# prompts per generation batch: on a 2-core CPU, SmolLM2-135M answered in 0.215 s per item
+# at 16 and 0.149 s at 64 (float32); the KV cache of 64 rows of ~140 tokens is ~0.4 GB
+DEFAULT_BATCH = 64
 
 
 @torch.no_grad()
@@ -24,13 +29,16 @@ def generate(
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 48,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH,
     progress: bool = True,
     desc: str = "generate",
     chat: bool | Sequence[bool] = True,
+    bf16: bool = False,
 ) -> list[str]:
     """Greedy replies to raw user prompts (formatted with the chat template here).
-    Left padding, KV cache, stops at EOS; special tokens stripped from the replies."""
+    Left padding, KV cache, stops at EOS; special tokens stripped from the replies.
+    ``bf16``: generate under bf16 autocast (as the model trained), 1.7x faster on a CPU
+    with AMX than float32 (0.086 s against 0.149 s per answer, SmolLM2-135M, batch 64)."""
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -43,14 +51,15 @@ def generate(
         for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=None if progress else True, leave=False):
             enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(device) for k, v in enc.items()}
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
+            with autocast_bf16(device, bf16):
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
             new = gen[:, enc["input_ids"].shape[1] :]
             out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
@@ -65,9 +74,10 @@ def evaluate(
     task: Task,
     *,
     samples: Sequence[Sample] | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """The task's metrics on its test split (or ``samples``), plus ``n``."""
     samples = task.test if samples is None else samples
@@ -80,6 +90,7 @@ def evaluate(
         progress=progress,
         desc=f"eval {task.name}",
         chat=[s.meta.get("chat", True) for s in samples],
+        bf16=bf16,
     )
     return task.score(preds, samples) | {"n": len(samples)}
 

@@ -138,7 +138,11 @@ class LocalNode:
     def _scores(self, model, tok, prefix: str) -> dict[str, float]:
         out = {}
         for task in self.data.tasks:
-            out[f"{prefix}.{task.name}"] = float(evaluate(model, tok, task, progress=False)["score"])
+            out[f"{prefix}.{task.name}"] = float(
+                evaluate(model, tok, task, progress=False, batch_size=self.cfg.eval_batch_size, bf16=self.cfg.bf16)[
+                    "score"
+                ]
+            )
             out[f"n.{task.name}"] = float(len(task.test))
         return out
 
@@ -161,7 +165,9 @@ class LocalNode:
                 _BASE.clear()  # its memory too: the next round loads the model again
             devices.release(self.device)
         cfg = self.cfg
-        raise devices.out_of_memory(cfg.model, self.device, self.gpu_share, phase, cfg.batch_size, cfg.max_len)
+        raise devices.out_of_memory(
+            cfg.model, self.device, self.gpu_share, phase, cfg.batch_size, cfg.max_len, cfg.eval_batch_size
+        )
 
     def _peak(self, metrics: dict[str, float]) -> dict[str, float]:
         peak = devices.peak_bytes(self.device)
@@ -220,6 +226,12 @@ class LocalNode:
         opts = cfg.finetune_options(first_round=mask is None)
         if mask is not None:
             opts["mask"] = mask
+        elif cfg.method == "lota" and cfg.lotto:
+            # LoTTO: the global update's entries are earlier clients' masks; this client's
+            # calibration leaves them frozen and its mask is drawn from the other entries
+            g = codec.decode(global_payload)
+            if len(g):
+                opts["exclude"] = [g.masks()]
         examples = to_examples(tok, self.data.train)
         t0 = time.perf_counter()
         res = finetune(

@@ -67,20 +67,29 @@ def _lota(model, examples, cfg, data: DataStream, *, mask: Mask | None = None, e
         phases["extract"] = time.perf_counter() - t1
     history.append(mask)
     sparse_cfg = replace(cfg, lr=lc.sparse_lr) if lc.sparse_lr is not None else cfg
+    # the sparse steps are shared by the sparse phases (iterative calibration adds phases,
+    # not steps): 20 steps at 90% then 99% are 10 + 10
+    n_phases = len(lc.iterative) + 1
+    if sparse_cfg.steps < n_phases:
+        raise ValueError(
+            f"{sparse_cfg.steps} sparse steps cannot feed {n_phases} sparse phases (iterative {list(lc.iterative)}); "
+            "give more steps"
+        )
+    share = [sparse_cfg.steps // n_phases + (i < sparse_cfg.steps % n_phases) for i in range(n_phases)]
     losses = []
     base = {n: p.detach().clone() for n, p in params.items()} if lc.iterative else {}
-    for sparsity in lc.iterative:
+    for i, sparsity in enumerate(lc.iterative):
         t1 = time.perf_counter()
-        tv, st = sparse_adapt(model, data, sparse_cfg, params, mask)
+        tv, st = sparse_adapt(model, data, sparse_cfg, params, mask, steps=share[i])
         losses += st.losses
         with torch.no_grad():
             for n, p in params.items():  # back to the base, bit for bit
                 p.copy_(base[n])
-        mask = extract(tv.to_dense(), sparsity, mode=lc.mask_mode, exclude=exclude)
+        mask = extract(tv.to_dense(), sparsity, mode=lc.mask_mode, selector=lc.selector, exclude=exclude, seed=lc.seed)
         history.append(mask)
         phases[f"iterate_{sparsity}"] = time.perf_counter() - t1
     t1 = time.perf_counter()
-    tv, st = sparse_adapt(model, data, sparse_cfg, params, mask)
+    tv, st = sparse_adapt(model, data, sparse_cfg, params, mask, steps=share[-1])
     phases["sparse_adapt"] = time.perf_counter() - t1
     n = sum(int(m.sum()) for m in mask.values())
     return FinetuneResult("lota", tv, mask, n, losses + st.losses, time.perf_counter() - t0, phases, history)

@@ -8,7 +8,13 @@ process every ``interval`` seconds and, once that process is gone, terminates th
 recorded that still run (SIGTERM, then SIGKILL after ``grace`` seconds). A process is matched
 by its PID and start time, so a PID reused by an unrelated program is never touched.
 
-    python -m fl_lota.reaper PID [--interval 1] [--grace 5]
+A process started between the last record and the death (a Ray worker being spawned) is not
+in the record, and once its parent is stopped it is reparented out of reach of the tree. So
+``watch()`` of the calling process also puts a random tag in that process's environment:
+everything it starts from then on inherits the tag, and the watchdog's final sweep stops the
+processes carrying it (and the descendants of the recorded ones) wherever they now hang.
+
+    python -m fl_lota.reaper PID [--interval 1] [--grace 5] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import select
 import subprocess
 import sys
@@ -23,15 +30,27 @@ import time
 
 import psutil
 
+# the environment variable that marks the processes started by a watched process
+TAG = "FL_LOTA_REAPER_TAG"
+# sweeps after the death: a process stopped in one may have started another meanwhile
+SWEEPS = 4
+
 
 def watch(
     pid: int | None = None, *, interval: float = 1.0, grace: float = 5.0, ready: float = 30.0
 ) -> subprocess.Popen:
     """Start the watchdog for ``pid`` (this process by default) and return its handle once
     it has recorded ``pid``'s descendants a first time (at most ``ready`` seconds). It runs
-    in its own session, so signals sent to this process's group do not reach it."""
+    in its own session, so signals sent to this process's group do not reach it. Watching
+    this process also tags its environment (``TAG``), so that what it starts later is found
+    however it is reparented."""
+    own = pid is None or pid == os.getpid()
     pid = os.getpid() if pid is None else pid
     cmd = [sys.executable, "-m", "fl_lota.reaper", str(pid), "--interval", str(interval), "--grace", str(grace)]
+    if own:
+        tag = secrets.token_hex(8)
+        os.environ[TAG] = tag
+        cmd += ["--tag", tag]
     proc = subprocess.Popen(
         cmd,
         stdin=subprocess.DEVNULL,
@@ -80,6 +99,31 @@ def follow(pid: int, *, interval: float = 1.0, on_first=None) -> dict[int, float
     return seen
 
 
+def sweep(seen: dict[int, float], tag: str = "") -> dict[int, float]:
+    """``seen`` with what it has started since: the live descendants of its processes that
+    still run and, with a ``tag``, every process whose environment carries it."""
+    found, me = dict(seen), os.getpid()
+    for pid, born in seen.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() != born:
+                continue
+            for child in proc.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    found[child.pid] = child.create_time()
+        except psutil.Error:
+            continue
+    if tag:
+        for proc in psutil.process_iter():
+            if proc.pid == me:
+                continue
+            with contextlib.suppress(psutil.Error):  # other users' processes: access denied
+                if proc.environ().get(TAG) == tag:
+                    found[proc.pid] = proc.create_time()
+    found.pop(me, None)
+    return found
+
+
 def stop(seen: dict[int, float], *, grace: float = 5.0) -> list[int]:
     """Terminate the recorded processes that still run (same PID and start time); kill the
     ones that outlive ``grace`` seconds. Returns the PIDs signalled."""
@@ -106,8 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pid", type=int)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--grace", type=float, default=5.0)
+    parser.add_argument("--tag", default="", help=f"also stop the processes whose {TAG} is this")
     args = parser.parse_args(argv)
-    stop(follow(args.pid, interval=args.interval, on_first=_ready), grace=args.grace)
+    seen = follow(args.pid, interval=args.interval, on_first=_ready)
+    for _ in range(SWEEPS):
+        seen = sweep(seen, args.tag)
+        if not stop(seen, grace=args.grace):
+            break
     return 0
 
 

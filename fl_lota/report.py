@@ -114,7 +114,10 @@ def run_table(rows: Sequence[dict]) -> str:
             _mb(r.get("eval_downlink_bytes", 0)),
         ]
         cells += [_fmt(s.get(t)) for t in tasks]
-        cells += [_fmt(r.get("mean_score", {}).get(merge))]
+        mean = _fmt(r.get("mean_score", {}).get(merge))
+        if r.get("eval_partial"):
+            mean += f" (partial: {len(r.get('scored_partitions', []))} clients scored)"
+        cells += [mean]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

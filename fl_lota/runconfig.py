@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from itertools import pairwise
 from pathlib import Path
 
 from . import codec
@@ -26,7 +27,15 @@ __all__ = ["COSMETIC", "KEYS", "RESUME_MAY_CHANGE", "RunConfig", "RunConfigError
 
 # what a run resumed from a checkpoint may change (more rounds, another timeout, and where
 # its folders now are: a moved results folder resumes); any other difference is refused
-RESUME_MAY_CHANGE = ("num_server_rounds", "round_timeout", "results_dir", "client_state_dir", "verbose")
+# eval_batch_size may change too: lowering it is the cure for an evaluation out of GPU memory
+RESUME_MAY_CHANGE = (
+    "num_server_rounds",
+    "round_timeout",
+    "results_dir",
+    "client_state_dir",
+    "verbose",
+    "eval_batch_size",
+)
 # what changes only what a person sees, never a result: left out of every stored unit's key
 COSMETIC = ("verbose",)
 
@@ -45,6 +54,8 @@ class RunConfig:
     eval_merges: str = ""  # further merges scored on the same uploads each round, comma-separated
     sparsity: float = 0.9  # lota: frozen fraction
     mask_mode: str = "global"
+    iterative_sparsity: str = ""  # lota: further sparsities ('0.99'), each from the last phase's vector
+    lotto: bool = False  # lota: a client making its mask leaves the global update's entries (earlier masks) frozen
     calibration_steps: int = 10  # lota: full fine-tuning steps that find the mask, part of the first round's budget
     local_steps: int = 20  # optimizer steps per client and round, every method (lota's calibration included)
     lr: float = 5e-5
@@ -63,8 +74,9 @@ class RunConfig:
     eval_every: int = 1  # federated evaluation every N rounds (the last round always)
     eval_base: bool = True  # round 1: clients also score the base model (the floor)
     eval_local: bool = False  # evaluation rounds: clients also score their own model after local training
+    eval_batch_size: int = 64  # prompts generated together at evaluation (bf16 autocast when bf16 is on)
     fraction_train: float = 1.0
-    min_train_nodes: int = 0  # 0: every client of the federation
+    min_train_nodes: int = 0  # at least this many clients train per round (0: fraction-train decides, >= 1)
     max_upload_mb: float = 2048.0  # larger uploads are refused before decoding
     clip_norm: float = 0.0  # > 0: scale each client's update down to this L2 norm
     min_replies: int = 1  # usable uploads a round needs to change the global model
@@ -92,7 +104,15 @@ class RunConfig:
             raise bad("mask-mode", "must be 'global' or 'per_tensor'")
         if not 0.0 <= self.sparsity < 1.0:
             raise bad("sparsity", f"must lie in [0, 1), got {self.sparsity}")
-        for key in ("num_server_rounds", "local_steps", "calibration_steps", "batch_size", "eval_every", "n_test"):
+        for key in (
+            "num_server_rounds",
+            "local_steps",
+            "calibration_steps",
+            "batch_size",
+            "eval_every",
+            "n_test",
+            "eval_batch_size",
+        ):
             if getattr(self, key) < 1:
                 raise bad(key.replace("_", "-"), f"must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "max_upload_mb", "round_timeout", "n_train", "max_len", "lora_rank"):
@@ -106,6 +126,26 @@ class RunConfig:
                 "calibration-steps",
                 f"{self.calibration_steps} leaves no sparse steps: LoTA's calibration counts against the round's "
                 f"budget of local-steps={self.local_steps}; give fewer calibration steps or more local steps",
+            )
+        # one spelling per setting ("0.99", not " 0.99 ,"), so that equal settings share an identity
+        object.__setattr__(self, "iterative_sparsity", ",".join(repr(x) for x in self.iterative))
+        steps = [self.sparsity, *self.iterative]
+        if self.method != "lota" and (self.iterative or self.lotto):
+            raise bad(
+                "iterative-sparsity" if self.iterative else "lotto",
+                f"is a LoTA setting; method {self.method!r} has no mask (leave it at its default)",
+            )
+        if any(not a < b < 1 for a, b in pairwise(steps)):
+            raise bad(
+                "iterative-sparsity",
+                f"{self.iterative_sparsity!r}: each sparsity must exceed the one "
+                f"before (sparsity={self.sparsity}) and lie below 1",
+            )
+        if self.method == "lota" and self.local_steps - self.calibration_steps < len(steps):
+            raise bad(
+                "iterative-sparsity",
+                f"{len(steps)} sparse phases need at least {len(steps)} of the "
+                f"{self.local_steps - self.calibration_steps} steps left after calibration",
             )
         if not 0 < self.fraction_train <= 1:
             raise bad("fraction-train", f"must lie in (0, 1], got {self.fraction_train}")
@@ -139,6 +179,8 @@ class RunConfig:
             want = type(getattr(cls(), f.name))  # the default's type
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if f.name == "iterative_sparsity" and isinstance(value, float | int) and not isinstance(value, bool):
+                value = str(value)  # iterative-sparsity = 0.99 means "0.99"
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise RunConfigError(f"run config {key!r}: expected {want.__name__}, got {value!r}")
             kw[f.name] = value
@@ -152,6 +194,14 @@ class RunConfig:
     def resumable(self) -> dict[str, object]:
         """The settings a checkpoint must match to be resumed (all but ``RESUME_MAY_CHANGE``)."""
         return {k: v for k, v in asdict(self).items() if k not in RESUME_MAY_CHANGE}
+
+    @classmethod
+    def completed(cls, stored: Mapping[str, object]) -> dict[str, object]:
+        """Stored settings (a checkpoint's, a comparison unit's) with the keys added to
+        RunConfig since they were written filled in at their defaults: a key that did not
+        exist then had its default's behaviour."""
+        defaults = asdict(cls())
+        return {k: stored.get(k, defaults[k]) if k in defaults else stored[k] for k in set(stored) | set(defaults)}
 
     # ---- derived settings -------------------------------------------------------------
 
@@ -214,6 +264,17 @@ class RunConfig:
             raise ValueError(f"rounds count from 1, got {server_round}")
         return (server_round - 1) * self.examples_per_round
 
+    @property
+    def iterative(self) -> tuple[float, ...]:
+        """``iterative-sparsity`` as numbers (a RunConfigError names a bad entry)."""
+        try:
+            return tuple(float(x) for x in self.iterative_sparsity.split(",") if x.strip())
+        except ValueError:
+            raise RunConfigError(
+                f"run config 'iterative-sparsity': {self.iterative_sparsity!r} is not a comma-separated list of "
+                "numbers (e.g. '0.99')"
+            ) from None
+
     def finetune_options(self, *, first_round: bool) -> dict[str, object]:
         if self.method == "lota":
             opts: dict[str, object] = {"sparsity": self.sparsity, "mask_mode": self.mask_mode, "seed": self.seed}
@@ -221,6 +282,7 @@ class RunConfig:
                 opts["sparse_lr"] = self.sparse_lr
             if first_round:
                 opts["calibration_steps"] = self.calibration_steps
+                opts["iterative"] = self.iterative
             return opts
         if self.method == "lora":
             return {"rank": self.lora_rank, "alpha": 2 * self.lora_rank}

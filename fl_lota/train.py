@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 
 import torch
 from tqdm.auto import tqdm
 
-from .device import DeviceError, describe
-from .optim import OPTIMIZERS, build_optimizer, clip_per_tensor_
+from .device import autocast_bf16
+from .optim import OPTIMIZERS, build_optimizer
 
 __all__ = ["TrainConfig", "TrainStats", "train"]
 
@@ -64,18 +63,6 @@ class TrainStats:
     tokens: int = 0
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` (CPU and CUDA alike); a GPU without bf16 (before
-    Ampere) is a DeviceError naming the setting, not an error deep in torch."""
-    if not enabled:
-        return nullcontext()
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:  # bf16 needs Ampere or later
-        raise DeviceError(
-            f"{describe(device)} has no bfloat16 support; train in float32 with bf16=false in the run config"
-        )
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def train(
     model: torch.nn.Module,
     params: Mapping[str, torch.nn.Parameter],
@@ -97,7 +84,15 @@ def train(
         raise KeyError(f"masks for parameters not being trained: {sorted(unknown)[:5]}")
     pmasks = {params[n]: m.to(device) for n, m in masks.items()}
     trainable = list(params.values())
-    opt = build_optimizer(cfg.optimizer, trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, masks=pmasks)
+    opt = build_optimizer(
+        cfg.optimizer,
+        trainable,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        masks=pmasks,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+    del pmasks  # the optimizer keeps the masks' indices, not the masks
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -117,17 +112,14 @@ def train(
             total = 0.0
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in next(batches).items()}
-                with _autocast(device, cfg.bf16):
+                with autocast_bf16(device, cfg.bf16):
                     loss = model(**batch).loss / cfg.grad_accum
                 loss.backward()
                 total += float(loss.detach())
                 stats.tokens += int((batch["labels"] != -100).sum())
             if not torch.isfinite(torch.tensor(total)):
                 raise FloatingPointError(f"loss became {total} at step {len(stats.losses)}; lower the learning rate")
-            opt.mask_grads_()
-            if cfg.max_grad_norm is not None:
-                clip_per_tensor_(trainable, cfg.max_grad_norm)
-            opt.step()
+            opt.step()  # clips each gradient (its trainable entries) to max_grad_norm, then steps
             opt.zero_grad(set_to_none=True)
             stats.losses.append(total)
             stats.step_seconds.append(time.perf_counter() - ts)

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, task=None) -> dict:
     model, tok = load(args.model, device=str(resolve(args.device)))
     out = {"task": task.name, "method": args.method, "metric": task.metric, "model": args.model}
     if not args.skip_base:
-        out["base"] = evaluate(model, tok, task)["score"]
+        out["base"] = evaluate(model, tok, task, bf16=not args.no_bf16)["score"]
     cfg = TrainConfig(
         steps=args.steps,
         lr=args.lr,
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, task=None) -> dict:
     out["steps"] = len(res.losses)
     out["calibration_steps"] = args.calibration_steps if args.method == "lota" else 0
     out["loss_first"], out["loss_last"] = res.losses[0], res.losses[-1]
-    out["tuned"] = evaluate(model, tok, task)["score"]
+    out["tuned"] = evaluate(model, tok, task, bf16=not args.no_bf16)["score"]
     out["trained_params"] = res.trained_params
     payload = codec.encode(res.delta, values=args.values)
     out["payload_bytes"] = len(payload)

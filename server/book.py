@@ -218,6 +218,11 @@ class RoundBook:
         row["scores"] = scores
         row["mean_score"] = {m: sum(s.values()) / len(s) for m, s in scores.items()}
         row["remerged"] = [m for m in scores if m != self.cfg.merge]
+        # with client sampling only clients that have trained are scored: a mean over some
+        # of the clients is not the federation's mean, and is marked so
+        scored = sorted({pid for pid, _ in self._evals})
+        row["scored_partitions"] = scored
+        row["eval_partial"] = bool(scores) and len(scored) < self.cfg.spec.num_clients
         row.setdefault("eval_clients", [])
         row.setdefault("seconds", {})
         row["seconds"] |= {

@@ -52,7 +52,9 @@ class LotaFedAvg(FedAvg):
         num_clients: int,
         shapes: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
-        n_train = cfg.min_train_nodes or num_clients
+        # each round trains fraction-train of the clients (Flower samples them; at least
+        # min-train-nodes, at least one); every client must be connected before a round starts
+        n_train = cfg.min_train_nodes or 1
         super().__init__(
             fraction_train=cfg.fraction_train,
             fraction_evaluate=1.0,
@@ -101,7 +103,7 @@ class LotaFedAvg(FedAvg):
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt`` (its config must match this run's, but for the round count)."""
         mine = self.cfg.resumable()
-        theirs = {k: v for k, v in ckpt.config.items() if k not in RESUME_MAY_CHANGE}
+        theirs = {k: v for k, v in RunConfig.completed(ckpt.config).items() if k not in RESUME_MAY_CHANGE}
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             raise ValueError(f"cannot resume: the run config differs from the checkpoint's in {diff}")
@@ -240,7 +242,15 @@ class LotaFedAvg(FedAvg):
         for name, payload in self.aggregator.candidates.items():
             if name != self.cfg.merge:
                 record[f"{PAYLOAD}@{name}"] = fltv_array(payload)
-        messages = list(super().configure_evaluate(server_round, record, config, grid))
+        # only nodes with an accepted upload are asked: their partition is bound to them, so
+        # their scores can be checked (with client sampling, a node that has not trained yet
+        # owns no partition, and its report would be refused)
+        owners = set(self.aggregator.owners.values())
+        messages = [
+            m
+            for m in super().configure_evaluate(server_round, record, config, grid)
+            if str(m.metadata.dst_node_id) in owners
+        ]
         self.book.eval_sent({m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         return messages
 

@@ -139,6 +139,53 @@ def test_tuning_picks_the_best_validation_mean_and_stores_every_unit(tmp_path, m
     assert len(calls) == 8
 
 
+def test_a_tuning_folder_carried_without_its_updates_resumes(tmp_path, monkeypatch):
+    """The .fltv updates are large (FFT: ~270 MB per task); a comparison folder copied
+    without them still reuses every stored run and merge score. Only when a merge candidate
+    must be scored are the chosen setting's runs trained again, and that score is keyed by
+    the new updates' digests."""
+    from fl_lota.compare import runner
+
+    calls, merged = [], []
+
+    def fake_unit(cfg, part, task, *, vector_path=None):
+        calls.append((cfg.sparse_lr, part))
+        if vector_path is not None:
+            vector_path.parent.mkdir(parents=True, exist_ok=True)
+            vector_path.write_bytes(codec.encode(_empty()))
+        score = 0.8 if cfg.sparse_lr == 1e-3 else 0.3
+        return {"scores": {task.name: score}, "passes": 6, "examples": 24, "train_seconds": 1.0, "eval_seconds": 0.1}
+
+    def fake_merge(cfg, updates, weights, tasks, settings):
+        merged.append(cfg.ties_k)
+        assert all(u == codec.encode(_empty()) for u in updates)
+        return {"m": {t.name: cfg.ties_k for t in tasks}}
+
+    monkeypatch.setattr(
+        runner,
+        "_isolated_unit",
+        lambda *a, **k: fake_unit(*a, **k) | {"update_digest": runner._digest(codec.encode(_empty()))},
+    )
+    monkeypatch.setattr(runner, "score_merge", fake_merge)
+    spec = TuneSpec.parse("lota.sparse-lr=1e-4,1e-3 ties.ties-k=0.1,0.3")
+    plan = ComparePlan(app=None, base=dict(TINY), grid=[("lota", ["ties"])], seeds=[0], tune=spec)
+    first = Comparison(plan, tmp_path, log=lambda s: None).tune()
+    assert len(calls) == 4 and merged == [0.1, 0.3]
+    for f in tmp_path.rglob("*.fltv"):
+        f.unlink()
+    again = Comparison(plan, tmp_path, log=lambda s: None).tune()
+    assert again == first and len(calls) == 4 and merged == [0.1, 0.3]  # nothing trained or merged again
+    # one merge score lost: the chosen setting's two runs are trained again (not the other
+    # setting's), their files written, and only the lost candidate is scored
+    next((tmp_path / "tune" / "lota").glob("merge-ties-ties-k=0.3-*.json")).unlink()
+    said = []
+    third = Comparison(plan, tmp_path, log=said.append).tune()
+    assert third == first
+    assert calls[4:] == [(1e-3, 0), (1e-3, 1)] and merged == [0.1, 0.3, 0.3]
+    assert any("training that run again" in s for s in said)
+    assert len(list(tmp_path.rglob("*.fltv"))) == 2
+
+
 def _rows(scores: dict[str, float], up: int, down: int, ev: int, merge: str = "mask_aware") -> list[dict]:
     def clients(rnd):
         return [

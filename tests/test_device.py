@@ -11,7 +11,7 @@ import torch
 from test_federated import TINY
 
 from clients.app import gpu_share
-from fl_lota import codec, device, fedclient, train
+from fl_lota import codec, device, fedclient
 from fl_lota.fedclient import LocalNode
 from fl_lota.precheck import PrecheckError, check_run
 from fl_lota.report import write_run_report
@@ -81,12 +81,12 @@ def test_a_client_on_a_machine_without_a_gpu_fails_at_start_with_a_named_error()
 
 def test_bf16_on_a_gpu_without_it_names_the_setting(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))  # V100
-    monkeypatch.setattr(train, "describe", lambda d: "cuda:0 (Tesla V100, 16.0 GiB)")
+    monkeypatch.setattr(device, "describe", lambda d: "cuda:0 (Tesla V100, 16.0 GiB)")
     with pytest.raises(device.DeviceError, match=r"V100.*no bfloat16.*bf16=false"):
-        train._autocast(torch.device("cuda"), True)
-    assert train._autocast(torch.device("cuda"), False) is not None  # float32 needs no check
+        device.autocast_bf16(torch.device("cuda"), True)  # training and generation both enter here
+    assert device.autocast_bf16(torch.device("cuda"), False) is not None  # float32 needs no check
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # A100
-    assert isinstance(train._autocast(torch.device("cuda"), True), torch.autocast)
+    assert isinstance(device.autocast_bf16(torch.device("cuda"), True), torch.autocast)
 
 
 def test_out_of_memory_is_a_named_error_raised_after_the_memory_is_freed(monkeypatch):

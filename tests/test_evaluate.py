@@ -45,6 +45,37 @@ def test_evaluate_reports_the_task_metric():
     assert set(out) == {"choice", "score", "n"} and out["n"] == 6 and 0.0 <= out["score"] <= 1.0
 
 
+def test_a_clients_evaluation_uses_its_batch_size_and_bf16_autocast(monkeypatch):
+    """LocalNode scores with the run config's eval-batch-size, under bf16 autocast when bf16
+    is on (as it trained) and in float32 when it is off: the forward passes of generation
+    are counted and their autocast state read."""
+    from fl_lota import codec
+    from fl_lota.fedclient import LocalNode
+    from fl_lota.runconfig import RunConfig
+    from fl_lota.task_vector import SparseTaskVector
+
+    seen = []
+    for bf16 in (True, False):
+        cfg = RunConfig(
+            model="tiny", federation="classify", n_train=4, n_test=7, eval_batch_size=3, bf16=bf16, device="cpu"
+        )
+        node = LocalNode(cfg, 0)
+        model, _, _ = node._model_at(codec.encode(SparseTaskVector()))
+        calls = []
+        hook = model.register_forward_pre_hook(
+            lambda m, a, k, calls=calls: calls.append((k["input_ids"].shape[0], torch.is_autocast_enabled("cpu"))),
+            with_kwargs=True,
+        )
+        try:
+            node.evaluate({"mask_aware": codec.encode(SparseTaskVector())})
+        finally:
+            hook.remove()
+        rows = sorted({b for b, _ in calls})
+        assert rows == [1, 3], rows  # batches of 3, 3 and 1 prompts
+        seen.append({a for _, a in calls})
+    assert seen == [{True}, {False}]
+
+
 def test_normalized_scores():
     out = normalized_scores({"math": 0.4, "sql": 0.3, "x": 0.1}, {"math": 0.8, "sql": 0.3, "x": 0.0})
     assert out == {"math": 0.5, "sql": 1.0, "mean": 0.75}

@@ -13,7 +13,7 @@ from fl_lota.data import stream_order
 from fl_lota.fedclient import LocalNode, load_base
 from fl_lota.fedserver import MAX_UPDATE_ABS, Aggregator, Upload
 from fl_lota.merge import merge
-from fl_lota.runconfig import RunConfig
+from fl_lota.runconfig import RunConfig, RunConfigError
 from fl_lota.task_vector import SparseTaskVector, SparseTensor
 
 TINY = dict(
@@ -159,6 +159,46 @@ def test_lota_spends_the_same_passes_as_fft_with_calibration_counted():
     assert first.metrics["steps"] == cfg.local_steps - cfg.calibration_steps
     later = node.train(codec.encode(SparseTaskVector()), first.mask_payload, server_round=2)
     assert later.metrics["fb-passes"] == cfg.local_steps == later.metrics["steps"]
+
+
+def test_iterative_calibration_in_a_federated_client_reaches_high_sparsity_within_the_budget():
+    """iterative-sparsity='0.99' after sparsity 0.9: the first upload holds 1% of the scope,
+    in the same forward/backward passes as any round (the library test checks that the 99%
+    mask lies inside the 90% one); later rounds upload values only against that 1% mask."""
+    cfg = RunConfig(**TINY | {"local_steps": 5, "calibration_steps": 1}, iterative_sparsity="0.99")
+    node = LocalNode(cfg, 0)
+    first = node.train(codec.encode(SparseTaskVector()), server_round=1)
+    assert first.metrics["nnz"] == pytest.approx(0.01 * first.metrics["numel"], rel=0.05)
+    assert first.metrics["fb-passes"] == cfg.local_steps  # 1 calibration + 2 at 90% + 2 at 99%
+    assert first.metrics["seconds.iterate_0.99"] > 0
+    second = node.train(codec.encode(SparseTaskVector()), first.mask_payload, server_round=2)
+    assert second.values_only and second.metrics["nnz"] == first.metrics["nnz"]
+    with pytest.raises(RunConfigError, match=r"iterative-sparsity.*must exceed"):
+        RunConfig(**TINY, iterative_sparsity="0.8")
+    with pytest.raises(RunConfigError, match=r"iterative-sparsity.*not a comma-separated list"):
+        RunConfig(**TINY, iterative_sparsity="0.99,x")
+    with pytest.raises(RunConfigError, match="3 sparse phases need"):
+        RunConfig(**TINY, iterative_sparsity="0.95,0.99")  # 3 steps, 1 calibration: 2 left
+    with pytest.raises(RunConfigError, match=r"LoTA setting; method 'fft'"):
+        RunConfig(**TINY, method="fft", lotto=True)
+    # one spelling per setting: equal settings share an identity (compare reuses its units)
+    same = RunConfig.from_run_config({"iterative-sparsity": 0.99}), RunConfig(iterative_sparsity=" 0.99 ,")
+    assert same[0].identity() == same[1].identity() == RunConfig(iterative_sparsity="0.99").identity()
+
+
+def test_lotto_client_draws_its_mask_outside_the_global_updates_entries():
+    """With lotto on, a client making its mask leaves G's entries (an earlier client's mask)
+    frozen: its mask is disjoint from them; without lotto the two masks overlap."""
+    first = LocalNode(RunConfig(**TINY), 1).train(codec.encode(SparseTaskVector()))
+    g_payload = first.payload  # G = the earlier client's update: its support is that mask
+    earlier = codec.decode(g_payload).masks()
+    masks = {}
+    for lotto in (True, False):
+        out = LocalNode(RunConfig(**TINY, lotto=lotto), 0).train(g_payload)
+        masks[lotto] = codec.decode(out.mask_payload).masks()
+        assert out.metrics["nnz"] == pytest.approx(0.1 * out.metrics["numel"], rel=0.01)
+    shared = {lotto: sum(int((m[n] & earlier[n]).sum()) for n in m if n in earlier) for lotto, m in masks.items()}
+    assert shared[True] == 0 and shared[False] > 0
 
 
 def test_client_starts_from_base_plus_global():

@@ -366,8 +366,8 @@ def test_a_serverapp_killed_hard_leaves_no_ray_processes(flwr_home, tmp_path):
             try:
                 p = psutil.Process(pid)
                 if p.create_time() == born and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(f"{pid} {p.name()}")
-            except psutil.NoSuchProcess:
+                    out.append(f"{pid} {p.name()}: {' '.join(p.cmdline())[:200]}")
+            except psutil.Error:
                 pass
         return out
 
@@ -377,3 +377,32 @@ def test_a_serverapp_killed_hard_leaves_no_ray_processes(flwr_home, tmp_path):
     assert left() == [], "processes of the killed ServerApp still run"
     thread.join(timeout=300)
     assert isinstance(outcome.get("error"), RunFailed)  # the run is reported failed, not left hanging
+
+
+def test_client_sampling_trains_a_share_each_round_and_sitting_out_keeps_a_clients_mask(flwr_home, tmp_path):
+    """fraction-train=0.5 of 4 clients: 2 train per round; a client's first upload is full
+    (its mask) and every later one is values-only against that mask, whatever rounds it sat
+    out; only clients with an accepted upload are asked to evaluate, and none is refused."""
+    out = tmp_path / "results"
+    outcome = launch(
+        APP,
+        config_file=TINY,
+        run_config={
+            "results-dir": str(out),
+            "federation": "math,classify,sql,instruct",
+            "fraction-train": 0.5,
+            "num-server-rounds": 4,
+        },
+        federation_config={"num-supernodes": 4},
+        flwr_home=flwr_home,
+    )
+    assert outcome.status == "finished:completed"
+    rows = read_rows(out / "metrics.jsonl")
+    seen: set[int] = set()
+    for r in rows:
+        assert r["accepted"] == 2 and not r["rejected"] and not r["failures"]
+        parts = {c["partition"] for c in r["clients"]}
+        assert all(c["values_only"] == (c["partition"] in seen) for c in r["clients"])
+        seen |= parts
+        assert {c["partition"] for c in r["eval_clients"]} == seen  # every bound client, and only those
+        assert r["scored_partitions"] == sorted(seen) and r["eval_partial"] == (len(seen) < 4)

@@ -55,3 +55,43 @@ def test_what_a_killed_process_leaves_running_is_stopped(watched):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         bystander.wait()
+
+
+LATE = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    from fl_lota import reaper
+    reaper.watch(interval=5.0, grace=2.0)  # its first record holds no child yet; the next is 5 s away
+    # started after that record by a child that exits at once: the grandchild is reparented,
+    # out of reach of the dead process's tree, before the watchdog looks again
+    code = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True); "
+        "print(p.pid, flush=True)"
+    )
+    mid = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    print(int(mid.stdout.readline()), flush=True)
+    mid.wait()
+    time.sleep(300)
+    """
+)
+
+
+def test_a_process_started_after_the_last_record_and_reparented_is_stopped_by_its_tag():
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    parent = subprocess.Popen([sys.executable, "-c", LATE], stdout=subprocess.PIPE, text=True)
+    late = int(parent.stdout.readline())
+    try:
+        assert psutil.Process(late).ppid() != parent.pid  # the tree no longer leads to it
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while _running(late) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(late), "a process the killed one started after the last record still runs"
+        assert bystander.poll() is None
+    finally:
+        for pid in (late, bystander.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        bystander.wait()

@@ -533,3 +533,35 @@ def test_the_results_folder_keeps_every_scored_merge_and_each_clients_last_updat
     assert all(torch.equal(sql.get(n).values, want.get(n).values) for n in want)
     math_ = SparseTaskVector.load(folder / "p0-math.safetensors")  # its last accepted: round 1's
     assert all(torch.equal(math_.get(n).values, codec.decode(codec.encode(t1)).get(n).values) for n in t1)
+
+
+def test_fraction_train_samples_that_share_and_evaluation_asks_only_bound_nodes(tmp_path, monkeypatch):
+    """fraction-train=0.25 of 8 connected clients trains 2 per round (different ones across
+    rounds: Flower's sampling); evaluation goes to the nodes whose upload was
+    accepted, since an unbound node's report would be refused."""
+    import random
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = RunConfig(federation="math,sql;clients=8;alpha=1.0", fraction_train=0.25)
+    strategy = LotaFedAvg(cfg, RoundBook(cfg, tmp_path), num_clients=8)
+    nodes = list(range(101, 109))
+    grid = SimpleNamespace(get_node_ids=lambda: nodes)
+    random.seed(0)  # Flower samples with the global random (a checkpoint saves its state)
+    sampled = []
+    for rnd in (1, 2, 3):
+        msgs = list(strategy.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        sampled.append({m.metadata.dst_node_id for m in msgs})
+    assert all(len(s) == 2 for s in sampled)
+    assert len(set().union(*sampled)) > 2  # not the same two every round
+    strategy.aggregator.owners = {0: "103", 5: "107"}
+    asked = {m.metadata.dst_node_id for m in strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid)}
+    assert asked == {103, 107}
+    full = LotaFedAvg(
+        RunConfig(federation="math,sql;clients=8;alpha=1.0"), RoundBook(cfg, tmp_path / "b"), num_clients=8
+    )
+    assert len(list(full.configure_train(1, ArrayRecord(), ConfigRecord(), grid))) == 8  # the default: all

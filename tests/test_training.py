@@ -168,6 +168,85 @@ def test_unmasked_optimizers_match_torch(ours, stock):
     assert torch.allclose(p1, p2, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("ours", "stock"),
+    [
+        (
+            lambda p, **k: MaskedRMSprop(p, lr=1e-2, weight_decay=0.05, **k),
+            lambda p: torch.optim.RMSprop(p, lr=1e-2, alpha=0.99, eps=1e-8),
+        ),
+        (
+            lambda p, **k: MaskedAdamW(p, lr=1e-2, weight_decay=0.1, **k),
+            lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1, eps=1e-8),
+        ),
+    ],
+)
+@pytest.mark.parametrize("density", [0.1, 0.9])  # 0.9: LoTTO's calibration, stepped densely
+def test_masked_step_is_stock_on_the_trainable_entries_and_leaves_the_rest_bit_identical(ours, stock, density):
+    """The masked optimizer steps a parameter's trainable entries as the stock optimizer
+    steps them as a tensor of their own (clipped by their own norm, decayed, with a
+    parameter that misses a step keeping its own count); frozen entries keep their bits
+    even where their gradient is NaN or huge and their weight is -0.0; its state holds only
+    the trainable entries."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 30)
+    w.view(-1)[::5] = -0.0
+    m = torch.rand(40, 30) < density
+    other = torch.randn(7)
+    p, q = torch.nn.Parameter(w.clone()), torch.nn.Parameter(other.clone())
+    ref, ref_q = torch.nn.Parameter(w[m].clone()), torch.nn.Parameter(other.clone())
+    opt = ours([p, q], masks={p: m}, max_grad_norm=0.5)
+    stock_opt = stock([ref, ref_q])
+    if isinstance(stock_opt, torch.optim.RMSprop):  # ours decays decoupled: RMSprop's own decay is L2
+        stock_opt.param_groups[0]["weight_decay"] = 0.0
+    for i in range(4):
+        g = torch.randn(40, 30)
+        g[~m] = torch.where(torch.rand(int((~m).sum())) < 0.5, float("nan"), 1e6)
+        p.grad, ref.grad = g.clone(), g[m].clone()
+        gq = torch.randn(7) if i != 2 else None  # q misses step 3
+        q.grad, ref_q.grad = gq, (None if gq is None else gq.clone())
+        opt.step()
+        if ref.grad.norm() > 0.5:
+            ref.grad.mul_(0.5 / (ref.grad.norm() + 1e-6))
+        if ref_q.grad is not None and ref_q.grad.norm() > 0.5:
+            ref_q.grad.mul_(0.5 / (ref_q.grad.norm() + 1e-6))
+        if isinstance(stock_opt, torch.optim.RMSprop):
+            with torch.no_grad():
+                ref.mul_(1 - 1e-2 * 0.05)
+                if ref_q.grad is not None:
+                    ref_q.mul_(1 - 1e-2 * 0.05)
+        stock_opt.step()
+    assert torch.equal(p.detach()[~m].view(torch.int32), w[~m].view(torch.int32))  # bits, -0.0 included
+    assert torch.allclose(p.detach()[m], ref.detach(), atol=1e-6)
+    assert torch.allclose(q.detach(), ref_q.detach(), atol=1e-6)
+    per_entry = len(opt._state_keys) * 4
+    if density < 0.5:  # state and index only for the trainable entries
+        assert opt.state_bytes() == per_entry * (int(m.sum()) + 7)  # not per_entry * (1200 + 7)
+        assert opt.index_bytes() == 4 * int(m.sum())
+    else:  # dense state; the index names the frozen entries
+        assert opt.state_bytes() == per_entry * (1200 + 7)
+        assert opt.index_bytes() == 4 * int((~m).sum())
+
+
+def test_train_hands_its_clip_to_the_optimizer(tiny, toy, monkeypatch):
+    """The per-tensor clip runs inside the optimizer's step now: train() must pass it on
+    (and None when clipping is off)."""
+    import fl_lota.train as train_mod
+
+    seen = []
+
+    def spy(*a, **k):
+        opt = build(*a, **k)
+        seen.append(opt.max_grad_norm)
+        return opt
+
+    build = train_mod.build_optimizer
+    monkeypatch.setattr(train_mod, "build_optimizer", spy)
+    for clip in (0.25, None):
+        finetune("fft", tiny, toy, TrainConfig(steps=1, lr=1e-3, max_grad_norm=clip), pad_id=PAD)
+    assert seen == [0.25, None]
+
+
 def test_per_tensor_clipping():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
     a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4, 0.0])

@@ -271,7 +271,7 @@ class ComparePlan:
         )
 
 
-def probe_speed(plan: ComparePlan, steps: int = 3, items: int = 16) -> dict[str, float]:
+def probe_speed(plan: ComparePlan, steps: int = 3, items: int = 64) -> dict[str, float]:
     """Seconds per training step and per generated answer of this model on this machine:
     a few FFT steps on the first task, one evaluation batch per task (the base weights are
     put back afterwards)."""
@@ -292,7 +292,7 @@ def probe_speed(plan: ComparePlan, steps: int = 3, items: int = 16) -> dict[str,
         n = 0
         for t in plan.tasks:
             sample = t.test[:items]
-            evaluate(model, tok, t, samples=sample, progress=False)
+            evaluate(model, tok, t, samples=sample, progress=False, batch_size=cfg.eval_batch_size, bf16=cfg.bf16)
             n += len(sample)
         item_s = (time.perf_counter() - t0) / max(n, 1)
     finally:

@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import codec
@@ -39,20 +40,61 @@ def _write_json(path: Path, obj: object) -> None:
     os.replace(tmp, path)
 
 
-def _cached(path: Path, key: Mapping[str, object], compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """The stored result at ``path`` if it was made with ``key``, else ``compute()``
-    (stored with its key). Returns (result, reused)."""
-    key = json.loads(json.dumps(key, sort_keys=True))
+def _completed(stored: Mapping[str, object], current: Mapping[str, object]) -> dict[str, object]:
+    """A stored run config with the keys RunConfig gained since filled in at their
+    defaults (``RunConfig.completed``), restricted to the keys either side holds."""
+    filled = RunConfig.completed(stored)
+    return {k: v for k, v in filled.items() if k in current or k in stored}
+
+
+def _same_key(stored: object, key: Mapping[str, object]) -> bool:
+    if not isinstance(stored, dict):
+        return False
+    if isinstance(stored.get("config"), dict) and "config" in key:
+        stored = stored | {"config": _completed(stored["config"], key["config"])}
+    return stored == key
+
+
+def _stored(path: Path, key: Mapping[str, object]) -> dict | None:
+    """The result stored at ``path`` if it was made with ``key`` (settings that RunConfig
+    gained since count at their defaults), else None."""
     if path.is_file():
         try:
             stored = json.loads(path.read_text())
         except json.JSONDecodeError:
-            stored = {}
-        if stored.get("key") == key:
-            return stored["result"], True
+            return None
+        if _same_key(stored.get("key"), _plain(key)):
+            return stored["result"]
+    return None
+
+
+def _cached(path: Path, key: Mapping[str, object], compute: Callable[[], dict]) -> tuple[dict, bool]:
+    """The stored result at ``path`` if it was made with ``key``, else ``compute()``
+    (stored with its key). Returns (result, reused)."""
+    stored = _stored(path, key)
+    if stored is not None:
+        return stored, True
     result = compute()
-    _write_json(path, {"key": key, "result": result})
+    _store(path, key, result)
     return result, False
+
+
+def _plain(key: Mapping[str, object]) -> dict:
+    """``key`` as it reads back from JSON (tuples become lists), for comparison."""
+    return json.loads(json.dumps(key, sort_keys=True))
+
+
+def _store(path: Path, key: Mapping[str, object], result: dict) -> None:
+    _write_json(path, {"key": _plain(key), "result": result})
+
+
+def _unit_key(cfg: RunConfig, task: Task, part: int) -> dict:
+    """What makes a single-task run: its settings, its data and its partition."""
+    return {"config": cfg.identity(), "task": task_fingerprint(task), "partition": part}
+
+
+def _digest(payload: bytes) -> str:
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
 
 
 def task_fingerprint(task: Task) -> str:
@@ -80,7 +122,19 @@ def _isolated_unit(cfg: RunConfig, partition: int, task: Task, *, vector_path: P
         "train_seconds": res.train_seconds,
         "eval_seconds": res.eval_seconds,
         "update_bytes": len(res.payload),
+        "update_digest": _digest(res.payload),
     }
+
+
+@dataclass
+class _Unit:
+    """A stored single-task tuning run: its record's path, settings and result."""
+
+    path: Path
+    cfg: RunConfig
+    part: int
+    task: Task
+    result: dict
 
 
 class Comparison:
@@ -134,7 +188,13 @@ class Comparison:
             node = LocalNode(p.cfg, 0, ClientData(0, list(p.tasks[0].train), list(p.tasks)))
             return {"scores": score_models(node, {"base": codec.encode(SparseTaskVector())})["base"]}
 
-        key = {"model": p.cfg.model, "tasks": [task_fingerprint(t) for t in p.tasks]}
+        # the evaluation settings are part of the key: bf16 autocast and the batch change scores
+        key = {
+            "model": p.cfg.model,
+            "tasks": [task_fingerprint(t) for t in p.tasks],
+            "bf16": p.cfg.bf16,
+            "eval_batch_size": p.cfg.eval_batch_size,
+        }
         res, reused = _cached(self.out / "base.json", key, compute)
         self._say(f"base model {'(stored) ' if reused else ''}{_scores_text(res['scores'])}")
         self.results["base"] = res["scores"]
@@ -153,13 +213,15 @@ class Comparison:
         seed = p.seeds[0]
         val = p.val_tasks()
         for method, merges in p.grid:
-            rows = []
+            rows, units_of = [], {}
             for cand in p.tune.candidates(method):
                 cfg = p.config(cand | {"method": method, "seed": seed})
                 folder = self.out / "tune" / method / setting_slug(cand)
-                scores, passes = {}, 0
+                scores, passes, units = {}, 0, []
                 for part, task in zip(p.partitions, val, strict=True):
-                    res, reused = self._single(folder / f"{part}-{slug(task.name)}.json", cfg, part, task, keep=True)
+                    path = folder / f"{part}-{slug(task.name)}.json"
+                    res, reused = self._single(path, cfg, part, task, keep=True)
+                    units.append(_Unit(path, cfg, part, task, res))
                     scores |= res["scores"]
                     passes += res["passes"]
                     self._say(
@@ -167,6 +229,7 @@ class Comparison:
                         f"{res['scores'].get(task.name, 0):.3f}{_took(res, reused)}"
                     )
                 rows.append({"setting": cand, "val": scores, "mean": _mean(scores.values()), "passes": passes})
+                units_of[setting_slug(cand)] = units
             best = self._best(rows, {"method": method})
             chosen[method] = dict(best["setting"])
             entry: dict = {"candidates": rows, "chosen": chosen[method], "merges": {}}
@@ -174,7 +237,9 @@ class Comparison:
                 cands = p.tune.merge_candidates(merge)
                 if merge not in p.tune.merges or cands == [{}]:
                     continue
-                entry["merges"][merge] = self._tune_merge(method, merge, best["setting"], cands, val, seed)
+                entry["merges"][merge] = self._tune_merge(
+                    method, merge, best["setting"], cands, units_of[setting_slug(best["setting"])]
+                )
                 merge_chosen[(method, merge)] = entry["merges"][merge]["chosen"]
             self.results["tuning"][method] = entry
             self._say(f"tuned {method}: {_setting_text(chosen[method])}")
@@ -196,35 +261,62 @@ class Comparison:
 
     def _single(self, path: Path, cfg: RunConfig, part: int, task: Task, *, keep: bool) -> tuple[dict, bool]:
         """One single-task run (stored at ``path``); ``keep``: also store its update beside
-        it (``.fltv``), which the merge tuning reads."""
-        key = {"config": cfg.identity(), "task": task_fingerprint(task), "partition": part}
+        it (``.fltv``), which the merge tuning reads. A stored run is reused without its
+        update: the merge tuning asks for the update only when it has a candidate to score."""
         vector = path.with_suffix(".fltv") if keep else None
-        if vector is not None and not vector.is_file():
-            path.unlink(missing_ok=True)  # the update is needed too: redo the run
-        return _cached(path, key, lambda: _isolated_unit(cfg, part, task, vector_path=vector))
+        return _cached(path, _unit_key(cfg, task, part), lambda: _isolated_unit(cfg, part, task, vector_path=vector))
 
-    def _tune_merge(self, method, merge, setting, cands, val, seed) -> dict:
+    def _update(self, unit: _Unit) -> bytes:
+        """A tuning run's update, read from beside its record; a run whose update file is
+        gone (or does not match its record) is trained again and its record rewritten."""
+        vector = unit.path.with_suffix(".fltv")
+        if vector.is_file():
+            payload = vector.read_bytes()
+            if _digest(payload) == unit.result.get("update_digest", _digest(payload)):
+                return payload
+        self._say(f"{unit.path}: its update is missing or altered; training that run again")
+        unit.result = _isolated_unit(unit.cfg, unit.part, unit.task, vector_path=vector)
+        _store(unit.path, _unit_key(unit.cfg, unit.task, unit.part), unit.result)
+        return vector.read_bytes()
+
+    def _tune_merge(self, method, merge, setting, cands, units: list[_Unit], rescore: bool = False) -> dict:
+        """Each merge candidate scored on the validation tasks, merging the chosen setting's
+        single-task updates. A stored score is reused when it was made from the same updates
+        (by digest), so a folder carried without its ``.fltv`` files still resumes."""
         p = self.plan
-        folder = self.out / "tune" / method / setting_slug(setting)
-        updates = [
-            (folder / f"{part}-{slug(t.name)}.fltv").read_bytes() for part, t in zip(p.partitions, val, strict=True)
-        ]
+        val = [u.task for u in units]
         weights = [float(len(t.train)) for t in val]
-        rows = []
+        # a record from before digests were stored has none: its update is read (once) for it
+        loaded: list[bytes] = (
+            [self._update(u) for u in units] if any(not u.result.get("update_digest") for u in units) else []
+        )
+
+        def digests() -> list[str]:
+            return [_digest(u) for u in loaded] if loaded else [u.result["update_digest"] for u in units]
+
+        rows: list[dict] = []
         for cand in cands:
-            cfg = p.config(setting | cand | {"method": method, "seed": seed, "merge": merge})
-            key = {
-                "config": cfg.identity(),
-                "tasks": [task_fingerprint(t) for t in val],
-                "updates": [hashlib.blake2b(u, digest_size=16).hexdigest() for u in updates],
-            }
-            setting_of = {"m": {"merge": merge, **cfg.merge_params(merge)}}
+            cfg = p.config(setting | cand | {"method": method, "seed": units[0].cfg.seed, "merge": merge})
+            path = self.out / "tune" / method / f"merge-{merge}-{setting_slug(cand)}.json"
+
+            def key(d: list[str], c=cfg) -> dict:
+                return {"config": c.identity(), "tasks": [task_fingerprint(t) for t in val], "updates": d}
+
             t0 = time.perf_counter()
-            res, reused = _cached(
-                self.out / "tune" / method / f"merge-{merge}-{setting_slug(cand)}.json",
-                key,
-                lambda c=cfg, s=setting_of: {"scores": score_merge(c, updates, weights, val, s)["m"]},
-            )
+            res = None if rescore else _stored(path, key(digests()))
+            reused = res is not None
+            if res is None:
+                if not loaded:
+                    before = [u.result.get("update_digest") for u in units]
+                    loaded[:] = [self._update(u) for u in units]
+                    if [_digest(u) for u in loaded] != before and rows:
+                        # training again gave other updates: the scores already read were
+                        # made from the old ones, so every candidate is scored anew
+                        self._say(f"tune {method}+{merge}: the retrained updates differ; scoring every candidate anew")
+                        return self._tune_merge(method, merge, setting, cands, units, rescore=True)
+                setting_of = {"m": {"merge": merge, **cfg.merge_params(merge)}}
+                res = {"scores": score_merge(cfg, loaded, weights, val, setting_of)["m"]}
+                _store(path, key(digests()), res)
             rows.append({"setting": cand, "val": res["scores"], "mean": _mean(res["scores"].values())})
             took = " (stored)" if reused else f" ({time.perf_counter() - t0:.0f} s)"
             self._say(f"tune {method}+{merge} {_setting_text(cand)}: validation mean {rows[-1]['mean']:.3f}{took}")
@@ -297,6 +389,8 @@ class Comparison:
         done, marker = folder / "launch.json", folder / "unit.json"
         if folder.exists():
             stored = json.loads(marker.read_text()) if marker.is_file() else {}
+            if isinstance(stored.get("config"), dict):
+                stored["config"] = _completed(stored["config"], unit["config"])
             if stored.get("run_id") and not done.is_file():  # a driver killed hard: stop its run first
                 stop_run(stored["run_id"], p.flwr_home)
             rows = read_rows(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
@@ -335,9 +429,7 @@ class Comparison:
 def _settings(cfg: RunConfig) -> dict:
     """A federation's settings as stored: its folders left out, so a comparison folder that
     was moved still recognises its finished runs."""
-    return {
-        k: v for k, v in json.loads(json.dumps(cfg.identity())).items() if k not in ("results_dir", "client_state_dir")
-    }
+    return {k: v for k, v in _plain(cfg.identity()).items() if k not in ("results_dir", "client_state_dir")}
 
 
 def _aside(folder: Path) -> Path:
