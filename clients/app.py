@@ -2,23 +2,32 @@
 
 Its partition comes from the node config (``partition-id``: set by the simulation engine,
 or by ``flower-supernode --node-config "partition-id=0 num-partitions=4"``); its task and
-every setting from the run config. The LoTA mask lives in the node state between rounds.
+every setting from the run config. The node state keeps, between rounds, the LoTA mask and
+the global update ``G`` this node holds: messages carry only the change of ``G`` since then
+(``fl_lota.downlink``), and a node that cannot rebuild the ``G`` the server names fails its
+round with a named error (the server then sends it the whole of ``G``).
 """
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_lota import codec
 from fl_lota.console import quiet_libraries
+from fl_lota.downlink import encode_exact, receive
 from fl_lota.fedclient import LocalNode
 from fl_lota.runconfig import RunConfig
+from fl_lota.task_vector import SparseTaskVector
 
 from .wire import ARRAYS, CONFIG, METRICS, PAYLOAD, STATE, fltv_array, payloads
 
 app = ClientApp()
 
 _NODES: dict[tuple[RunConfig, int], LocalNode] = {}
+# node state: the G this node holds (its FLTV payload, exact) and that G's digest
+HELD, HELD_DIGEST = "fl-lota-g", "fl-lota-g-digest"
+_DECODED: dict[str, SparseTaskVector] = {}  # digest -> the held G decoded (the last one, per process)
 
 
 def gpu_share() -> str:
@@ -48,16 +57,34 @@ def _node(context: Context) -> LocalNode:
     return _NODES[(cfg, pid)]
 
 
+def global_update(cfg: RunConfig, payload: bytes, config: ConfigRecord, context: Context) -> SparseTaskVector:
+    """The G this message names, rebuilt from the node's copy and the change it carries;
+    the node keeps the result for the next message."""
+    state = context.state
+    held_digest = state.config_records[HELD_DIGEST]["digest"] if HELD_DIGEST in state.config_records else None
+    held = None
+    if held_digest is not None and HELD in state.array_records:
+        held = _DECODED.get(str(held_digest)) or codec.decode(payloads(state.array_records[HELD])[""])
+    g, digest = receive(held, None if held is None else str(held_digest), payload, config)
+    if digest != held_digest:
+        state[HELD] = ArrayRecord({PAYLOAD: fltv_array(encode_exact(g, cfg.values))})
+        state[HELD_DIGEST] = ConfigRecord({"digest": digest})
+    _DECODED.clear()
+    _DECODED[digest] = g
+    return g
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
     received = payloads(msg.content[ARRAYS])
     config = msg.content[CONFIG]
+    g = global_update(node.cfg, received[""], config, context)
     run_tag = str(config.get("fl-lota-run", ""))
     state = context.state.array_records.get(STATE)
     mask_payload = payloads(state)[""] if state is not None and PAYLOAD in state else node.load_mask(run_tag)
     out = node.train(
-        received[""],
+        g,
         mask_payload,
         server_round=int(config["server-round"]),
         eval_start=bool(config.get("eval-start", False)),
@@ -77,5 +104,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     received = payloads(msg.content[ARRAYS])
     config = msg.content[CONFIG]
     primary = str(config.get("merge", "global"))
-    candidates = {(name or primary): p for name, p in received.items()}
+    # G as the change from what this node holds; the further merges' G whole (scored once)
+    candidates = {
+        (name or primary): (global_update(node.cfg, p, config, context) if not name else p)
+        for name, p in received.items()
+    }
     return Message(content=RecordDict({METRICS: MetricRecord(node.evaluate(candidates))}), reply_to=msg)

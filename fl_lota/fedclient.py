@@ -125,12 +125,13 @@ class LocalNode:
 
     # ---- model state -------------------------------------------------------------
 
-    def _model_at(self, global_payload: bytes) -> tuple[torch.nn.Module, object, float]:
-        """The model reset to ``base + G``; returns (model, tokenizer, seconds)."""
+    def _model_at(self, global_update: bytes | SparseTaskVector) -> tuple[torch.nn.Module, object, float]:
+        """The model reset to ``base + G`` (``G`` decoded or its payload); returns (model,
+        tokenizer, seconds)."""
         t0 = time.perf_counter()
         model, tok, base = load_base(self.cfg.model, self.device)
         model.load_state_dict(base)
-        g = codec.decode(global_payload)
+        g = _decoded(global_update)
         if len(g):
             g.apply_to(model)
         return model, tok, time.perf_counter() - t0
@@ -184,7 +185,7 @@ class LocalNode:
 
     def train(
         self,
-        global_payload: bytes,
+        global_payload: bytes | SparseTaskVector,
         mask_payload: bytes | None = None,
         *,
         server_round: int = 1,
@@ -206,7 +207,7 @@ class LocalNode:
 
     def _train(
         self,
-        global_payload: bytes,
+        global_payload: bytes | SparseTaskVector,
         mask_payload: bytes | None,
         server_round: int,
         eval_start: bool,
@@ -229,7 +230,7 @@ class LocalNode:
         elif cfg.method == "lota" and cfg.lotto:
             # LoTTO: the global update's entries are earlier clients' masks; this client's
             # calibration leaves them frozen and its mask is drawn from the other entries
-            g = codec.decode(global_payload)
+            g = _decoded(global_payload)
             if len(g):
                 opts["exclude"] = [g.masks()]
         examples = to_examples(tok, self.data.train)
@@ -278,12 +279,12 @@ class LocalNode:
 
     # ---- evaluation of received models -------------------------------------------
 
-    def evaluate(self, payloads: dict[str, bytes]) -> dict[str, float]:
+    def evaluate(self, payloads: dict[str, bytes | SparseTaskVector]) -> dict[str, float]:
         """Score ``base + G_m`` for each candidate ``m`` (merge name -> global payload) on
         this client's test split(s): keys ``score.<task>@<merge>``."""
         return self._on_device("evaluating", lambda: self._evaluate(payloads))
 
-    def _evaluate(self, payloads: dict[str, bytes]) -> dict[str, float]:
+    def _evaluate(self, payloads: dict[str, bytes | SparseTaskVector]) -> dict[str, float]:
         out: dict[str, float] = {}
         t0 = time.perf_counter()
         for name, payload in payloads.items():
@@ -294,6 +295,10 @@ class LocalNode:
         out["num-examples"] = float(sum(len(t.test) for t in self.data.tasks))
         out["partition-id"] = float(self.partition_id)
         return self._peak(out)
+
+
+def _decoded(update: bytes | SparseTaskVector) -> SparseTaskVector:
+    return update if isinstance(update, SparseTaskVector) else codec.decode(update)
 
 
 def _index_entropy_bytes(tv: SparseTaskVector) -> float:

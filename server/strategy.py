@@ -1,9 +1,10 @@
 """LotaFedAvg: Flower's FedAvg with fl-lota's merge in place of weighted array averaging.
 
 Overrides only what differs (the FedMedian way): replies are FLTV payloads decoded and
-merged by ``fl_lota.fedserver.Aggregator``; the global update goes out encoded; each round's
-bytes, as counted on the actual messages (``count_bytes()``), and scores go to a
-``RoundBook`` that writes ``metrics.jsonl``.
+merged by ``fl_lota.fedserver.Aggregator``; the global update goes out as the change since
+the version each node holds (``fl_lota.downlink``: the whole update to a node that holds
+none), so every message has its own content; each round's bytes, as counted on the actual
+messages (``count_bytes()``), and scores go to a ``RoundBook`` that writes ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from clients.wire import ARRAYS, CONFIG, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
 from fl_lota.checkpoint import Checkpoint, save_checkpoint
+from fl_lota.downlink import Downlink
 from fl_lota.fedserver import Aggregator, Upload
 from fl_lota.reports import ReportError, eval_report, train_report
 from fl_lota.runconfig import RESUME_MAY_CHANGE, RunConfig
@@ -66,6 +68,7 @@ class LotaFedAvg(FedAvg):
         self.book = book
         self.num_clients = num_clients
         self.aggregator = Aggregator(cfg, shapes)
+        self.downlink = Downlink(cfg.values)  # what each node holds of G, and the change it needs
         self.run_tag = uuid.uuid4().hex  # names this run's client state (kept across resumes)
         self._t: dict[str, float] = {}
 
@@ -111,13 +114,29 @@ class LotaFedAvg(FedAvg):
         if owners is None:  # a checkpoint from before node binding: masks keyed "p<partition>"
             owners = {int(k[1:]): k for k in ckpt.masks if k[:1] == "p" and k[1:].isdigit()}
         self.aggregator.restore(ckpt.global_tv, ckpt.masks, {int(p): n for p, n in owners.items()})
+        # the nodes of a resumed run hold nothing this server knows of: each is sent all of G
+        self.downlink = Downlink(self.cfg.values)
+        self.downlink.publish(self.aggregator.global_tv, self.aggregator.global_payload)
         self.book.rows = list(ckpt.rows)
         random.setstate(ckpt.rng)
         self.run_tag = ckpt.extra.get("run_tag", self.run_tag)
 
     def global_arrays(self) -> ArrayRecord:
-        """The global update as it goes to clients."""
+        """The whole global update (each node is sent its own change: ``_to_nodes``)."""
         return ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
+
+    def _to_nodes(self, messages: list[Message], extra: dict[str, dict] | None = None) -> list[Message]:
+        """Each message its own content (FedAvg gives all of them one RecordDict): G as the
+        change from the version its node holds, the record's other arrays, the config with
+        the change's versions and ``extra[node]``."""
+        for m in messages:
+            node = str(m.metadata.dst_node_id)
+            sent = self.downlink.for_node(node)
+            arrays = ArrayRecord({k: v for k, v in m.content[ARRAYS].items() if k != PAYLOAD})
+            arrays[PAYLOAD] = fltv_array(sent.payload)
+            config = dict(m.content[CONFIG]) | sent.config() | (extra or {}).get(node, {})
+            m.content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)})
+        return messages
 
     def is_eval_round(self, server_round: int) -> bool:
         return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.num_server_rounds
@@ -133,9 +152,10 @@ class LotaFedAvg(FedAvg):
         config["fl-lota-run"] = self.run_tag
         config["eval-local"] = self.is_eval_round(server_round) and self.cfg.eval_local
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        for m in messages:  # a client whose mask the server does not hold sends it again
-            if self.aggregator.needs_mask(str(m.metadata.dst_node_id)):
-                m.content[CONFIG] = ConfigRecord(dict(m.content[CONFIG]) | {"register-mask": True})  # not shared
+        # a client whose mask the server does not hold sends it again
+        nodes = [str(m.metadata.dst_node_id) for m in messages]
+        again = {n: {"register-mask": True} for n in nodes if self.aggregator.needs_mask(n)}
+        messages = self._to_nodes(messages, again)
         self.book.start_round(server_round, {m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         self._t["train-sent"] = time.perf_counter()
         return messages
@@ -145,6 +165,7 @@ class LotaFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t_recv = time.perf_counter()
         valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        self._track(valid, errors)
         for msg in errors:
             self.book.failure(msg.metadata.src_node_id, msg.error.reason)
         uploads = []
@@ -168,6 +189,7 @@ class LotaFedAvg(FedAvg):
                 continue
             uploads.append(Upload(str(node), payload, report.weight, report.metrics, partition=report.partition))
         result = self.aggregator.aggregate(uploads, online=getattr(self, "_online", None))
+        self.downlink.publish(self.aggregator.global_tv, self.aggregator.global_payload)
         try:  # each accepted upload to disk (fl-lota export reads them); the round goes on if this fails
             updates.spill(self.book.dir, self.aggregator, self.book)
         except OSError as e:
@@ -195,6 +217,14 @@ class LotaFedAvg(FedAvg):
             return None, None
         arrays = ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
         return arrays, MetricRecord(self.book.train_summary())
+
+    def _track(self, valid: list[Message], errors: list[Message]) -> None:
+        """A reply means its node rebuilt the G it was sent (the ClientApp fails otherwise);
+        after a failure what the node holds is unknown, and it is sent the whole G next."""
+        for msg in valid:
+            self.downlink.confirm(str(msg.metadata.src_node_id))
+        for msg in errors:
+            self.downlink.forget(str(msg.metadata.src_node_id))
 
     def _check_stream(self, server_round: int, m: dict[str, float]) -> None:
         """The stream positions a client reports are where this round begins, and at most a
@@ -251,6 +281,7 @@ class LotaFedAvg(FedAvg):
             for m in super().configure_evaluate(server_round, record, config, grid)
             if str(m.metadata.dst_node_id) in owners
         ]
+        messages = self._to_nodes(messages)
         self.book.eval_sent({m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         return messages
 
@@ -266,6 +297,7 @@ class LotaFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid, errors = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        self._track(valid, errors)
         for msg in errors:
             self.book.failure(msg.metadata.src_node_id, f"evaluate: {msg.error.reason}")
         scored: set[int] = set()

@@ -430,13 +430,11 @@ def test_the_register_mask_request_reaches_only_that_node(tmp_path, monkeypatch)
     from flwr.app import ConfigRecord
     from flwr.serverapp.strategy import FedAvg
 
-    shared = ConfigRecord({"server-round": 2})  # FedAvg gives every message the same record
+    # FedAvg gives every message the same RecordDict: writing into one writes into all
+    shared = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 2})})
 
     def messages(self, server_round, arrays, config, grid):
-        return [
-            SimpleNamespace(content=RecordDict({"config": shared}), metadata=SimpleNamespace(dst_node_id=n))
-            for n in (11, 12, 13)
-        ]
+        return [SimpleNamespace(content=shared, metadata=SimpleNamespace(dst_node_id=n)) for n in (11, 12, 13)]
 
     monkeypatch.setattr(FedAvg, "configure_train", messages)
     strategy, _ = make(tmp_path)

@@ -1,0 +1,189 @@
+"""fl_lota.downlink: clients keep G, the server sends what changed since the version each holds;
+every client ends with the server's G bit for bit, whatever rounds it missed or state it lost."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fl_lota import codec
+from fl_lota.downlink import Downlink, DownlinkError, change, digest, encode_exact, overwrite, receive
+from fl_lota.task_vector import SparseTaskVector, SparseTensor
+
+SHAPES = {"a": (40, 50), "b": (300,), "c": (8, 8)}
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+def _random_update(gen: torch.Generator, density: float) -> SparseTaskVector:
+    out = {}
+    for name, shape in SHAPES.items():
+        numel = int(torch.tensor(shape).prod())
+        if name == "c":  # one tensor dense, as FFT's are
+            out[name] = SparseTensor(shape, None, torch.randn(numel, generator=gen))
+            continue
+        idx = torch.nonzero(torch.rand(numel, generator=gen) < density).reshape(-1)
+        out[name] = SparseTensor(shape, idx, torch.randn(idx.numel(), generator=gen))
+    return SparseTaskVector(out)
+
+
+def _as_server_holds(tv: SparseTaskVector, values: str = "bf16") -> SparseTaskVector:
+    """G as the server keeps it: decoded from its wire encoding."""
+    return codec.decode(codec.encode(tv, values=values))
+
+
+def _same(x: SparseTaskVector, y: SparseTaskVector) -> bool:
+    if list(x) != list(y):
+        return False
+    for n in x:
+        a, b = x[n], y[n]
+        if a.shape != b.shape or (a.indices is None) != (b.indices is None):
+            return False
+        if a.indices is not None and not torch.equal(a.indices, b.indices):
+            return False
+        if not torch.equal(a.values.float(), b.values.float()):
+            return False
+    return True
+
+
+def test_a_change_rebuilds_the_new_update_exactly():
+    gen = torch.Generator().manual_seed(0)
+    old = _as_server_holds(_random_update(gen, 0.1))
+    new = _as_server_holds(old.add(_random_update(gen, 0.05)))
+    ch = change(old, new)
+    assert ch is not None and 0 < ch.nnz < new.nnz + 1
+    assert _same(overwrite(old, ch), new) and digest(overwrite(old, ch)) == digest(new)
+    # entries left as they were are not sent
+    untouched = change(new, new)
+    assert untouched is not None and untouched.nnz == 0
+    # from nothing, the change is the whole update
+    assert _same(overwrite(SparseTaskVector(), change(SparseTaskVector(), new)), new)
+
+
+def test_a_tensor_with_no_entries_or_another_order_is_the_same_update():
+    gen = torch.Generator().manual_seed(5)
+    g = _random_update(gen, 0.1)
+    empty = SparseTensor((7,), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+    with_empty = SparseTaskVector({"z": empty, **{n: g[n] for n in reversed(list(g))}})
+    assert digest(with_empty) == digest(g)
+    rebuilt = overwrite(SparseTaskVector(), change(SparseTaskVector(), with_empty))
+    assert digest(rebuilt) == digest(with_empty)
+    client = _Client()
+    server = Downlink("float32")
+    server.publish(with_empty)
+    client.take(server.for_node("1"))  # the server's G holds an empty tensor; the client rebuilds it
+    assert client.d == digest(g)
+
+
+def test_a_change_cannot_remove_entries():
+    t = SparseTaskVector({"b": SparseTensor((10,), torch.tensor([1, 2]), torch.ones(2))})
+    smaller = SparseTaskVector({"b": SparseTensor((10,), torch.tensor([1]), torch.ones(1))})
+    assert change(t, smaller) is None
+    assert change(t, SparseTaskVector()) is None
+
+
+def test_a_change_is_exact_in_the_runs_dtype_or_falls_back_to_float32():
+    gen = torch.Generator().manual_seed(1)
+    tv = _random_update(gen, 0.2)
+    representable = tv.with_values({n: _bf16(t.values) for n, t in tv.items()})
+    p = encode_exact(representable, "bf16")
+    assert codec.peek(p).value_dtype == "bf16"
+    assert _same(codec.decode(p), representable)
+    # values bf16 cannot carry: float32, still exact
+    p = encode_exact(tv, "bf16")
+    assert codec.peek(p).value_dtype == "float32"
+    assert _same(codec.decode(p), tv)
+    # int8: a subset of G re-quantized with its own scale would round; it is sent exactly
+    g = codec.decode(codec.encode(tv, values="int8"))
+    sub = change(SparseTaskVector({"a": g["a"]}), g)
+    assert _same(codec.decode(encode_exact(sub, "int8")), sub)
+
+
+class _Client:
+    def __init__(self) -> None:
+        self.g: SparseTaskVector | None = None
+        self.d: str | None = None
+
+    def take(self, sent) -> None:
+        self.g, self.d = receive(self.g, self.d, sent.payload, sent.config())
+
+
+@pytest.mark.parametrize("values", ["bf16", "int8", "float32"])
+def test_clients_that_miss_rounds_or_lose_state_end_with_the_servers_update(values):
+    rng, gen = random.Random(0), torch.Generator().manual_seed(2)
+    server = Downlink(values, keep=2)
+    clients = {str(i): _Client() for i in range(5)}
+    g = SparseTaskVector()
+    for rnd in range(8):
+        sampled = [n for n in clients if rng.random() < 0.5] or ["0"]
+        if rnd == 5:
+            clients["3"] = _Client()  # lost its state (a restarted SuperNode)
+        for n in sampled:
+            sent = server.for_node(n)
+            try:
+                clients[n].take(sent)
+            except DownlinkError as e:
+                assert "lost its state" in str(e)
+                server.forget(n)
+                continue
+            server.confirm(n)
+            assert clients[n].d == server.digest and _same(clients[n].g, server.tv)
+        g = _as_server_holds(g.add(_random_update(gen, 0.03)), values)
+        server.publish(g)
+        assert len(server.versions) <= 2
+    for n, c in clients.items():  # one more message each: everyone holds G exactly
+        sent = server.for_node(n)
+        try:
+            c.take(sent)
+        except DownlinkError:
+            server.forget(n)
+            c.take(server.for_node(n))
+        assert _same(c.g, g) and c.d == digest(g)
+
+
+def test_a_client_that_holds_the_update_already_is_sent_almost_nothing_and_a_change_is_small():
+    gen = torch.Generator().manual_seed(3)
+    server, client = Downlink("bf16"), _Client()
+    g = _as_server_holds(_random_update(gen, 0.3))
+    server.publish(g)
+    client.take(server.for_node("1"))
+    server.confirm("1")
+    whole = len(server.whole())
+    again = server.for_node("1")
+    assert again.base == server.digest and len(again.payload) < 200
+    client.take(again)
+    # a round that touched a tenth of G's entries
+    touched = SparseTaskVector({"a": SparseTensor((40, 50), g["a"].indices[::10], torch.ones(g["a"].nnz // 10 + 1))})
+    server.confirm("1")
+    g2 = _as_server_holds(g.add(touched))
+    server.publish(g2)
+    sent = server.for_node("1")
+    assert sent.base != "nothing" and len(sent.payload) < whole / 3
+    client.take(sent)
+    assert _same(client.g, g2)
+
+
+def test_a_change_from_a_version_the_client_does_not_hold_is_refused():
+    gen = torch.Generator().manual_seed(4)
+    server = Downlink("bf16")
+    a, b = _Client(), _Client()
+    server.publish(_as_server_holds(_random_update(gen, 0.2)))
+    a.take(server.for_node("a"))
+    server.confirm("a")
+    server.publish(_as_server_holds(server.tv.add(_random_update(gen, 0.05))))
+    sent = server.for_node("a")
+    with pytest.raises(DownlinkError, match="holds nothing"):
+        b.take(sent)
+    # a payload tampered with on the way: the digest says so
+    ch = change(a.g, server.tv)
+    name = next(iter(ch))
+    tampered = ch.with_values({n: t.values + (1.0 if n == name else 0.0) for n, t in ch.items()})
+    bad = type(sent)(codec.encode(tampered, values="float32"), sent.base, sent.digest)
+    with pytest.raises(DownlinkError, match="does not match"):
+        a.take(bad)
+    with pytest.raises(DownlinkError, match="g-base"):
+        receive(None, None, sent.payload, {})
