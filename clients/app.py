@@ -13,9 +13,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_lota import codec
 from fl_lota.console import quiet_libraries
-from fl_lota.downlink import encode_exact, receive
+from fl_lota.downlink import held_from, receive, to_keep
 from fl_lota.fedclient import LocalNode
 from fl_lota.runconfig import RunConfig
 from fl_lota.task_vector import SparseTaskVector
@@ -25,8 +24,9 @@ from .wire import ARRAYS, CONFIG, METRICS, PAYLOAD, STATE, fltv_array, payloads
 app = ClientApp()
 
 _NODES: dict[tuple[RunConfig, int], LocalNode] = {}
-# node state: the G this node holds (its FLTV payload, exact) and that G's digest
-HELD, HELD_DIGEST = "fl-lota-g", "fl-lota-g-digest"
+# node state: the G this node holds, as the payloads it came in (fl_lota.downlink.to_keep)
+# and its digest
+HELD, HELD_VALUES, HELD_DIGEST = "fl-lota-g", "fl-lota-g-values", "fl-lota-g-digest"
 _DECODED: dict[str, SparseTaskVector] = {}  # digest -> the held G decoded (the last one, per process)
 
 
@@ -61,13 +61,22 @@ def global_update(cfg: RunConfig, payload: bytes, config: ConfigRecord, context:
     """The G this message names, rebuilt from the node's copy and the change it carries;
     the node keeps the result for the next message."""
     state = context.state
+    records = state.array_records
     held_digest = state.config_records[HELD_DIGEST]["digest"] if HELD_DIGEST in state.config_records else None
+    layout = payloads(records[HELD])[""] if held_digest is not None and HELD in records else None
     held = None
-    if held_digest is not None and HELD in state.array_records:
-        held = _DECODED.get(str(held_digest)) or codec.decode(payloads(state.array_records[HELD])[""])
+    if layout is not None:
+        held = _DECODED.get(str(held_digest))
+        if held is None:
+            held = held_from(layout, payloads(records[HELD_VALUES])[""] if HELD_VALUES in records else None)
     g, digest = receive(held, None if held is None else str(held_digest), payload, config)
     if digest != held_digest:
-        state[HELD] = ArrayRecord({PAYLOAD: fltv_array(encode_exact(g, cfg.values))})
+        layout, values = to_keep(layout, g, payload, config, cfg.values)
+        state[HELD] = ArrayRecord({PAYLOAD: fltv_array(layout)})
+        if values is not None:
+            state[HELD_VALUES] = ArrayRecord({PAYLOAD: fltv_array(values)})
+        elif HELD_VALUES in records:
+            del state[HELD_VALUES]
         state[HELD_DIGEST] = ConfigRecord({"digest": digest})
     _DECODED.clear()
     _DECODED[digest] = g

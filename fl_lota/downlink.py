@@ -9,10 +9,16 @@ A client that holds nothing (a new client, one that lost its state, every client
 server resumed) is sent the whole of ``G`` as a change from the empty update; so is one whose
 version the server no longer keeps, or one for which the whole is smaller than the change.
 
-The server side is ``Downlink``: ``G``'s versions, the version each node confirmed it holds
-(its reply reports it), and the payload for a node. Values travel in the run's value dtype
-when that is exact for the values ``G`` holds (``G``'s values were decoded from that dtype),
-else in float32; a change never rounds anything.
+When ``G``'s support did not grow since the client's version (LoTA from round 2 on: the
+masks are fixed), the change goes as ``G``'s values alone, in the order of the support both
+sides hold (``mode="values"``): no index is sent. Both sides keep ``G`` in one canonical form
+(``canonical``) so that their supports are the same list of entries.
+
+The server side is ``Downlink``: ``G``'s versions, the version each node holds (a reply
+confirms it), and the payload for a node: the smallest of the values-only change, the
+indexed change and the whole. Values travel in the run's value dtype when that is exact for
+the values ``G`` holds (``G``'s values were decoded from that dtype), else in float32; a
+change never rounds anything.
 """
 
 from __future__ import annotations
@@ -27,7 +33,19 @@ import torch
 from . import codec
 from .task_vector import SparseTaskVector, SparseTensor
 
-__all__ = ["Downlink", "DownlinkError", "Sent", "change", "digest", "encode_exact", "overwrite", "receive"]
+__all__ = [
+    "Downlink",
+    "DownlinkError",
+    "Sent",
+    "canonical",
+    "change",
+    "digest",
+    "encode_exact",
+    "held_from",
+    "overwrite",
+    "receive",
+    "to_keep",
+]
 
 EMPTY = "nothing"  # the base of a change from nothing (the whole update); Flower refuses "" in a record
 
@@ -51,6 +69,33 @@ def digest(tv: SparseTaskVector) -> str:
         h.update(b"dense" if whole else t.indices.cpu().numpy().tobytes())
         h.update(t.values.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def canonical(tv: SparseTaskVector) -> SparseTaskVector:
+    """``tv`` in the form both sides keep: tensors by name, none without entries, a tensor
+    whose support is every entry dense. It does to a model what ``tv`` does."""
+    out = {}
+    for name in sorted(tv):
+        t = tv[name]
+        if t.nnz == 0:
+            continue
+        if t.indices is not None and t.nnz == t.numel:  # strictly increasing and numel of them: all
+            t = SparseTensor(t.shape, None, t.values)
+        out[name] = t
+    return SparseTaskVector(out)
+
+
+def same_support(a: SparseTaskVector, b: SparseTaskVector) -> bool:
+    """Whether ``a`` and ``b`` (canonical) hold the same entries, in the same order."""
+    if list(a) != list(b):
+        return False
+    for name, ta in a.items():
+        tb = b[name]
+        if ta.shape != tb.shape or (ta.indices is None) != (tb.indices is None):
+            return False
+        if ta.indices is not None and not torch.equal(ta.indices, tb.indices):
+            return False
+    return True
 
 
 def _dense(t: SparseTensor | None, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +160,22 @@ def overwrite(held: SparseTaskVector, changed: SparseTaskVector) -> SparseTaskVe
     return SparseTaskVector(out)
 
 
-def encode_exact(tv: SparseTaskVector, values: str) -> bytes:
-    """``tv`` encoded in ``values`` when that dtype carries its values exactly (they were
-    decoded from it), else in float32: what the receiver decodes is ``tv``, bit for bit."""
-    if values != "float32":
-        payload = codec.encode(tv, values=values)
-        back = codec.decode(payload)
-        if all(torch.equal(back[n].values, t.values.detach().float().cpu()) for n, t in tv.items()):
-            return payload
-    return codec.encode(tv, values="float32")
+def _carries(tv: SparseTaskVector, values: str) -> bool:
+    """Whether ``values`` holds every value of ``tv`` exactly: float32 always; bf16 when the
+    values are bf16 numbers (``G`` decoded from bf16 always is); int8 never for a part of
+    ``G`` (its per-tensor scale would be that part's, not ``G``'s)."""
+    if values == "float32":
+        return True
+    if values == "bf16":
+        return all(torch.equal(v := t.values.detach().float(), v.to(torch.bfloat16).float()) for t in tv.values())
+    return False
+
+
+def encode_exact(tv: SparseTaskVector, values: str, *, values_only: bool = False) -> bytes:
+    """``tv`` encoded in ``values`` when that dtype carries its values exactly, else in
+    float32: what the receiver decodes is ``tv``, bit for bit. ``values_only``: without
+    indices (the receiver decodes against ``tv``'s support)."""
+    return codec.encode(tv, values=values if _carries(tv, values) else "float32", values_only=values_only)
 
 
 @dataclass(frozen=True)
@@ -135,9 +187,10 @@ class Sent:
     payload: bytes
     base: str
     digest: str
+    mode: str = "entries"  # "entries": indices and values; "values": values on the held support
 
     def config(self) -> dict[str, str]:
-        return {"g-base": self.base, "g-digest": self.digest}
+        return {"g-base": self.base, "g-digest": self.digest, "g-mode": self.mode}
 
 
 def receive(held: SparseTaskVector | None, held_digest: str | None, payload: bytes, meta: Mapping[str, object]):
@@ -145,9 +198,11 @@ def receive(held: SparseTaskVector | None, held_digest: str | None, payload: byt
     nothing) brought to the version the message names. Returns (G, its digest). Raises
     DownlinkError when the change is from a version the client does not hold (and it does
     not already hold the result), or when the result is not what the server holds."""
-    base, want = meta.get("g-base"), meta.get("g-digest")
+    base, want, mode = meta.get("g-base"), meta.get("g-digest"), meta.get("g-mode", "entries")
     if not isinstance(base, str) or not isinstance(want, str) or not want:
         raise DownlinkError("the message lacks the global update's g-base and g-digest")
+    if mode not in ("entries", "values") or (mode == "values" and base == EMPTY):
+        raise DownlinkError(f"unknown g-mode {mode!r} (from {base!r})")
     if base == EMPTY:
         held = SparseTaskVector()
     elif held is None or held_digest != base:
@@ -158,13 +213,40 @@ def receive(held: SparseTaskVector | None, held_digest: str | None, payload: byt
             f"the server sent the change of the global update from version {base}, but this client holds {have} "
             "(it lost its state); the server sends the whole update to it next time"
         )
-    got = overwrite(held, codec.decode(payload))
+    try:
+        if mode == "values":  # G's values on the support the client holds
+            got = codec.decode(payload, mask=held)
+        else:
+            got = canonical(overwrite(held, codec.decode(payload)))
+    except codec.CodecError as e:
+        raise DownlinkError(f"the global update's change cannot be read: {e}") from None
     if digest(got) != want:
         raise DownlinkError(
             f"the global update rebuilt does not match the server's (digest {digest(got)} != {want}); "
             "the server sends the whole update to this client next time"
         )
     return got, want
+
+
+def held_from(layout: bytes, values: bytes | None = None) -> SparseTaskVector:
+    """The ``G`` a client kept (``to_keep``): ``layout`` decodes to ``G`` at some version;
+    ``values``, when kept, are ``G``'s values now on that support."""
+    g = canonical(codec.decode(layout))
+    return g if values is None else codec.decode(values, mask=g)
+
+
+def to_keep(
+    layout: bytes | None, got: SparseTaskVector, payload: bytes, meta: Mapping[str, object], values: str
+) -> tuple[bytes, bytes | None]:
+    """What a client keeps of the ``G`` it just rebuilt (``got``, from ``payload``): the
+    payloads as they came, so that keeping costs no encoding. The whole ``G`` is kept as it
+    came; values on the held support replace the kept values; only a change that added
+    entries makes the client encode ``G`` (exactly) as its new layout."""
+    if meta.get("g-base") == EMPTY:
+        return payload, None
+    if meta.get("g-mode") == "values" and layout is not None:
+        return layout, payload
+    return encode_exact(got, values), None
 
 
 class Downlink:
@@ -180,7 +262,7 @@ class Downlink:
         self.versions: dict[str, SparseTaskVector] = {}  # digest -> an old version some node holds
         self.held: dict[str, str] = {}  # node -> the digest of the version it holds
         self._sent: dict[str, str] = {}  # node -> the digest its last message brings it to
-        self._changes: dict[str, bytes] = {}  # base digest -> change payload to the current version
+        self._changes: dict[str, Sent | None] = {}  # base digest -> the change to the current version
         self._whole: bytes | None = None
 
     def publish(self, tv: SparseTaskVector, whole: bytes | None = None) -> None:
@@ -190,7 +272,7 @@ class Downlink:
         if d == self.digest:
             return
         self.versions[self.digest] = self.tv
-        self.tv, self.digest = tv, d
+        self.tv, self.digest = canonical(tv), d
         self._changes, self._whole = {}, whole
         self._prune()
 
@@ -210,18 +292,24 @@ class Downlink:
         """The change that brings ``node`` from the version it holds to the current one (the
         whole update when it holds none the server keeps, or when the whole is smaller)."""
         base = self.held.get(node, EMPTY)
-        payload = self._change_from(base) if base == self.digest or base in self.versions else None
-        if payload is None or len(payload) >= len(self.whole()):
-            base, payload = EMPTY, self.whole()
+        sent = self._change_from(base) if base == self.digest or base in self.versions else None
+        if sent is None or len(sent.payload) >= len(self.whole()):
+            sent = Sent(self.whole(), EMPTY, self.digest)
         self._sent[node] = self.digest
-        return Sent(payload, base, self.digest)
+        return sent
 
-    def _change_from(self, base: str) -> bytes | None:
+    def _change_from(self, base: str) -> Sent | None:
+        """The smaller of the values-only change (same support) and the indexed change."""
         if base not in self._changes:
             old = self.tv if base == self.digest else self.versions[base]
+            options = []
+            if same_support(old, self.tv):
+                options.append(Sent(encode_exact(self.tv, self.values, values_only=True), base, self.digest, "values"))
             ch = change(old, self.tv)
-            self._changes[base] = b"" if ch is None else encode_exact(ch, self.values)
-        return self._changes[base] or None
+            if ch is not None:
+                options.append(Sent(encode_exact(ch, self.values), base, self.digest, "entries"))
+            self._changes[base] = min(options, key=lambda s: len(s.payload)) if options else None
+        return self._changes[base]
 
     def confirm(self, node: str) -> None:
         """``node`` replied: it holds what its last message brought it to."""

@@ -9,7 +9,17 @@ import pytest
 import torch
 
 from fl_lota import codec
-from fl_lota.downlink import Downlink, DownlinkError, change, digest, encode_exact, overwrite, receive
+from fl_lota.downlink import (
+    Downlink,
+    DownlinkError,
+    change,
+    digest,
+    encode_exact,
+    held_from,
+    overwrite,
+    receive,
+    to_keep,
+)
 from fl_lota.task_vector import SparseTaskVector, SparseTensor
 
 SHAPES = {"a": (40, 50), "b": (300,), "c": (8, 8)}
@@ -104,24 +114,36 @@ def test_a_change_is_exact_in_the_runs_dtype_or_falls_back_to_float32():
 
 
 class _Client:
-    def __init__(self) -> None:
+    """Keeps G as the ClientApp does: the payloads as they came (``to_keep``), read back
+    (``held_from``) for every message, so what it keeps is what it rebuilds from."""
+
+    def __init__(self, values: str = "bf16") -> None:
+        self.values = values
+        self.kept: tuple[bytes, bytes | None] | None = None
         self.g: SparseTaskVector | None = None
         self.d: str | None = None
 
     def take(self, sent) -> None:
-        self.g, self.d = receive(self.g, self.d, sent.payload, sent.config())
+        held = self.g if self.kept is None else held_from(*self.kept)
+        if self.kept is not None:
+            assert digest(held) == self.d  # what it kept is what it held
+        self.g, d = receive(held, self.d, sent.payload, sent.config())
+        if d != self.d:
+            layout = None if self.kept is None else self.kept[0]
+            self.kept = to_keep(layout, self.g, sent.payload, sent.config(), self.values)
+        self.d = d
 
 
 @pytest.mark.parametrize("values", ["bf16", "int8", "float32"])
 def test_clients_that_miss_rounds_or_lose_state_end_with_the_servers_update(values):
     rng, gen = random.Random(0), torch.Generator().manual_seed(2)
     server = Downlink(values, keep=2)
-    clients = {str(i): _Client() for i in range(5)}
+    clients = {str(i): _Client(values) for i in range(5)}
     g = SparseTaskVector()
     for rnd in range(8):
         sampled = [n for n in clients if rng.random() < 0.5] or ["0"]
         if rnd == 5:
-            clients["3"] = _Client()  # lost its state (a restarted SuperNode)
+            clients["3"] = _Client(values)  # lost its state (a restarted SuperNode)
         for n in sampled:
             sent = server.for_node(n)
             try:
@@ -187,3 +209,35 @@ def test_a_change_from_a_version_the_client_does_not_hold_is_refused():
         a.take(bad)
     with pytest.raises(DownlinkError, match="g-base"):
         receive(None, None, sent.payload, {})
+
+
+def test_a_change_on_the_same_support_goes_as_values_alone():
+    """LoTA from round 2: every client trains its fixed mask, so every entry of G changes but
+    its support does not: the change is G's values, no index."""
+    gen = torch.Generator().manual_seed(6)
+    g1 = _as_server_holds(_random_update(gen, 0.3))
+    g2 = _as_server_holds(g1.add(g1.with_values({n: torch.randn(t.nnz, generator=gen) for n, t in g1.items()})))
+    server, client = Downlink("bf16"), _Client()
+    server.publish(g1)
+    client.take(server.for_node("1"))
+    server.confirm("1")
+    server.publish(g2)
+    sent = server.for_node("1")
+    indexed = encode_exact(change(g1, g2), "bf16")
+    assert sent.mode == "values" and len(sent.payload) < 0.9 * len(indexed)
+    client.take(sent)
+    assert _same(client.g, server.tv) and client.d == digest(g2)
+    assert client.kept[1] is sent.payload  # kept as it came: the values beside the layout, no encoding
+    server.confirm("1")
+    g3 = _as_server_holds(g2.add(g2.with_values({n: torch.randn(t.nnz, generator=gen) for n, t in g2.items()})))
+    server.publish(g3)
+    sent3 = server.for_node("1")
+    client.take(sent3)  # rebuilt from the kept layout and values
+    assert sent3.mode == "values" and _same(client.g, server.tv)
+    # values that do not fit the client's support are refused, not misplaced
+    other = _Client()
+    other.g, other.d = _as_server_holds(_random_update(gen, 0.1)), sent.base  # the base's name, another support
+    with pytest.raises(DownlinkError):
+        other.take(sent)
+    with pytest.raises(DownlinkError, match="g-mode"):
+        receive(None, None, sent.payload, sent.config() | {"g-base": "nothing"})
