@@ -50,6 +50,8 @@ def report(folder: Path) -> None:
     data = json.loads((folder / "compare.json").read_text())
     results, summary = data["results"], data["summary"]
     setup = results["setup"]
+    for where, n in sorted(setup.get("machines", {}).items()):
+        print(f"ran on {where}: {n} units and federations")
     print(f"\n== merged models ({setup['federation']}, {setup['rounds']} rounds, seeds {setup['seeds']}) ==")
     for run, e in summary.items():
         if not e["seeds"]:

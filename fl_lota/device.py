@@ -11,10 +11,13 @@ find the memory free.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import platform
 import re
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -90,6 +93,27 @@ def describe(device: torch.device) -> str:
         return str(device)
     p = torch.cuda.get_device_properties(device)
     return f"{device} ({p.name}, {p.total_memory / 2**30:.1f} GiB)"
+
+
+def machine(device: torch.device) -> str:
+    """What a result's numerics depend on besides the code: the GPU, or the CPU and its
+    bf16 instructions (AMX, AVX512-BF16: bf16 matmuls round differently without them), and
+    torch. Comparison units record it, so a table made on several machines says so."""
+    if device.type == "cuda":
+        where = describe(device)
+    else:
+        name, flags = platform.processor() or platform.machine(), set()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+        isa = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+        where = f"cpu {name} ({', '.join(isa) if isa else 'no bf16 instructions'}; {os.cpu_count()} cores)"
+    return f"{where}, torch {torch.__version__}"
 
 
 def start_peak(device: torch.device) -> None:

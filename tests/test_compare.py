@@ -419,3 +419,38 @@ def test_score_against_bytes_per_method_and_merge(tmp_path):
     fft = curves["fft:fedavg"]["points"][-1]
     assert (fft["bytes_per_client"], fft["score"], fft["n"]) == (46, pytest.approx(0.35), 1)  # the failed seed is out
     assert (tmp_path / "compare_score_vs_bytes.png").stat().st_size > 1000
+
+
+def test_the_table_names_the_machines_its_units_ran_on(tmp_path, monkeypatch):
+    """Every unit records its machine (bf16 numerics differ between CPUs with and without
+    bf16 instructions); a comparison carried over machines says so in its table."""
+    import torch
+
+    from fl_lota import device
+    from fl_lota.compare import runner
+
+    where = iter(["cpu A (amx_bf16; 2 cores), torch 2", "cpu B (avx512_bf16; 2 cores), torch 2"] * 4)
+
+    def fake_unit(cfg, part, task, *, vector_path=None):
+        if vector_path is not None:
+            vector_path.parent.mkdir(parents=True, exist_ok=True)
+            vector_path.write_bytes(codec.encode(_empty()))
+        unit = {"scores": {task.name: 0.5}, "passes": 6, "examples": 24, "train_seconds": 1.0, "eval_seconds": 0.1}
+        return unit | {"machine": next(where)}
+
+    monkeypatch.setattr(runner, "_isolated_unit", fake_unit)
+    spec = TuneSpec.parse("lota.sparse-lr=1e-4")
+    plan = ComparePlan(app=None, base=dict(TINY), grid=[("lota", ["mask_aware"])], seeds=[0], tune=spec)
+    cmp = Comparison(plan, tmp_path, log=lambda s: None)
+    cmp.tune()
+    assert cmp.results["setup"]["machines"] == {
+        "cpu A (amx_bf16; 2 cores), torch 2": 1,
+        "cpu B (avx512_bf16; 2 cores), torch 2": 1,
+    }
+    results = _results(tmp_path)
+    results["setup"]["machines"] = cmp.results["setup"]["machines"]
+    md = write_comparison(tmp_path, results).read_text()
+    assert "**Machines**" in md and "so this table mixes them" in md and "cpu A (amx_bf16" in md
+    # what this machine records: its CPU (or GPU) and torch
+    here = device.machine(device.resolve("cpu"))
+    assert here.startswith("cpu ") and here.endswith(f"torch {torch.__version__}")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import codec
+from .. import device as devices
 from ..isolated import isolated_run, score_merge, score_models
 from ..launch import RunFailed, launch, stop_run
 from ..report import read_rows
@@ -123,6 +124,7 @@ def _isolated_unit(cfg: RunConfig, partition: int, task: Task, *, vector_path: P
         "eval_seconds": res.eval_seconds,
         "update_bytes": len(res.payload),
         "update_digest": _digest(res.payload),
+        "machine": devices.machine(devices.resolve(cfg.device)),
     }
 
 
@@ -186,7 +188,8 @@ class Comparison:
 
         def compute() -> dict:
             node = LocalNode(p.cfg, 0, ClientData(0, list(p.tasks[0].train), list(p.tasks)))
-            return {"scores": score_models(node, {"base": codec.encode(SparseTaskVector())})["base"]}
+            scores = score_models(node, {"base": codec.encode(SparseTaskVector())})["base"]
+            return {"scores": scores, "machine": devices.machine(node.device)}
 
         # the evaluation settings are part of the key: bf16 autocast and the batch change scores
         key = {
@@ -196,6 +199,7 @@ class Comparison:
             "eval_batch_size": p.cfg.eval_batch_size,
         }
         res, reused = _cached(self.out / "base.json", key, compute)
+        self._ran_on(res)
         self._say(f"base model {'(stored) ' if reused else ''}{_scores_text(res['scores'])}")
         self.results["base"] = res["scores"]
         return res["scores"]
@@ -264,7 +268,15 @@ class Comparison:
         it (``.fltv``), which the merge tuning reads. A stored run is reused without its
         update: the merge tuning asks for the update only when it has a candidate to score."""
         vector = path.with_suffix(".fltv") if keep else None
-        return _cached(path, _unit_key(cfg, task, part), lambda: _isolated_unit(cfg, part, task, vector_path=vector))
+        res = _cached(path, _unit_key(cfg, task, part), lambda: _isolated_unit(cfg, part, task, vector_path=vector))
+        self._ran_on(res[0])
+        return res
+
+    def _ran_on(self, result: Mapping) -> None:
+        """Count the machine a unit ran on (``setup.machines`` in the table)."""
+        machines = self.results["setup"].setdefault("machines", {})
+        where = str(result.get("machine", "not recorded (a unit stored before units recorded it)"))
+        machines[where] = machines.get(where, 0) + 1
 
     def _update(self, unit: _Unit) -> bytes:
         """A tuning run's update, read from beside its record; a run whose update file is
@@ -403,6 +415,7 @@ class Comparison:
             info = json.loads(done.read_text()) if done.is_file() else {}
             if same and stored.get("config") == unit["config"] and info.get("status") == "finished:completed":
                 self._say(f"{label}: stored run reused ({folder})")
+                self._ran_on(info)
                 return rows, info["seconds"]
             if not same or not (folder / "checkpoint").is_dir():
                 if rows or not same:
@@ -422,7 +435,11 @@ class Comparison:
             flwr_home=p.flwr_home,
             on_start=lambda run_id: _write_json(marker, unit | {"run_id": run_id}),
         )
-        _write_json(done, {"run_id": outcome.run_id, "status": outcome.status, "seconds": outcome.seconds})
+        # the machine of this driver; in simulation the clients run on it too
+        info = {"run_id": outcome.run_id, "status": outcome.status, "seconds": outcome.seconds}
+        info["machine"] = devices.machine(devices.resolve(cfg.device))
+        _write_json(done, info)
+        self._ran_on(info)
         return read_rows(folder / "metrics.jsonl"), outcome.seconds
 
 

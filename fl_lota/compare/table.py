@@ -232,6 +232,17 @@ def tables(results: Mapping) -> str:
         "`train s` the seconds.",
         "",
     ]
+    machines = setup.get("machines") or {}
+    if machines:
+        lines += [
+            "**Machines** (units and federations that ran on each; bf16 numerics differ between CPUs with and "
+            "without bf16 instructions, and between CPU and GPU"
+            + (", so this table mixes them" if len(machines) > 1 else "")
+            + "): "
+            + "; ".join(f"{m}: {n}" for m, n in sorted(machines.items()))
+            + ".",
+            "",
+        ]
     if setup.get("tuned"):
         lines += [
             f"**Tuning** (seed {seeds[0]}): each method's values were chosen by the task-average score on a "
