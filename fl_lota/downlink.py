@@ -240,8 +240,9 @@ def to_keep(
 ) -> tuple[bytes, bytes | None]:
     """What a client keeps of the ``G`` it just rebuilt (``got``, from ``payload``): the
     payloads as they came, so that keeping costs no encoding. The whole ``G`` is kept as it
-    came; values on the held support replace the kept values; only a change that added
-    entries makes the client encode ``G`` (exactly) as its new layout."""
+    came; values on the held support replace the kept values; an indexed change (the
+    support grew, or few entries changed) makes the client encode ``G`` (exactly) as its
+    new layout: one encoding of ``G`` per such message."""
     if meta.get("g-base") == EMPTY:
         return payload, None
     if meta.get("g-mode") == "values" and layout is not None:
@@ -264,6 +265,7 @@ class Downlink:
         self._sent: dict[str, str] = {}  # node -> the digest its last message brings it to
         self._changes: dict[str, Sent | None] = {}  # base digest -> the change to the current version
         self._whole: bytes | None = None
+        self._values_only: bytes | None = None  # the current version's values on its support
 
     def publish(self, tv: SparseTaskVector, whole: bytes | None = None) -> None:
         """``tv`` is the new global update as the clients decode it; ``whole``: its payload,
@@ -273,7 +275,7 @@ class Downlink:
             return
         self.versions[self.digest] = self.tv
         self.tv, self.digest = canonical(tv), d
-        self._changes, self._whole = {}, whole
+        self._changes, self._whole, self._values_only = {}, whole, None
         self._prune()
 
     def _prune(self) -> None:
@@ -292,6 +294,10 @@ class Downlink:
         """The change that brings ``node`` from the version it holds to the current one (the
         whole update when it holds none the server keeps, or when the whole is smaller)."""
         base = self.held.get(node, EMPTY)
+        if node in self._sent and self._sent[node] != base:
+            # a message went out and no reply came back: the node holds that message's version
+            # or the one before, and only the whole update suits both
+            base = EMPTY
         sent = self._change_from(base) if base == self.digest or base in self.versions else None
         if sent is None or len(sent.payload) >= len(self.whole()):
             sent = Sent(self.whole(), EMPTY, self.digest)
@@ -299,12 +305,18 @@ class Downlink:
         return sent
 
     def _change_from(self, base: str) -> Sent | None:
-        """The smaller of the values-only change (same support) and the indexed change."""
+        """The smaller of the values-only change (same support) and the indexed change; for
+        a node that holds the current version, the empty change."""
+        if base == self.digest:
+            base_is_current = Sent(encode_exact(SparseTaskVector(), self.values), base, self.digest, "entries")
+            return self._changes.setdefault(base, base_is_current)
         if base not in self._changes:
-            old = self.tv if base == self.digest else self.versions[base]
+            old = self.versions[base]
             options = []
             if same_support(old, self.tv):
-                options.append(Sent(encode_exact(self.tv, self.values, values_only=True), base, self.digest, "values"))
+                if self._values_only is None:  # the same for every base with this support
+                    self._values_only = encode_exact(self.tv, self.values, values_only=True)
+                options.append(Sent(self._values_only, base, self.digest, "values"))
             ch = change(old, self.tv)
             if ch is not None:
                 options.append(Sent(encode_exact(ch, self.values), base, self.digest, "entries"))

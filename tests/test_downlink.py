@@ -241,3 +241,20 @@ def test_a_change_on_the_same_support_goes_as_values_alone():
         other.take(sent)
     with pytest.raises(DownlinkError, match="g-mode"):
         receive(None, None, sent.payload, sent.config() | {"g-base": "nothing"})
+
+
+def test_a_node_whose_reply_never_came_is_sent_the_whole_update():
+    """A message went out and no reply came back (a timeout): the node holds either that
+    message's version or the one before, so the next message must suit both."""
+    gen = torch.Generator().manual_seed(7)
+    server, client = Downlink("bf16"), _Client()
+    server.publish(_as_server_holds(_random_update(gen, 0.2)))
+    client.take(server.for_node("1"))
+    server.confirm("1")
+    server.publish(_as_server_holds(server.tv.add(_random_update(gen, 0.05))))
+    client.take(server.for_node("1"))  # applied, but the reply is lost: no confirm
+    server.publish(_as_server_holds(server.tv.add(_random_update(gen, 0.05))))
+    sent = server.for_node("1")
+    assert sent.base == "nothing"
+    client.take(sent)
+    assert _same(client.g, server.tv)
