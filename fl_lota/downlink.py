@@ -60,13 +60,9 @@ def digest(tv: SparseTaskVector) -> str:
     float32 values. Forms that do the same hash the same: the tensors' order, a tensor with
     no entries (left out), a tensor whose support is every entry (as dense)."""
     h = hashlib.blake2b(digest_size=16)
-    for name in sorted(tv):
-        t = tv[name]
-        if t.nnz == 0:
-            continue
+    for name, t in canonical(tv).items():
         h.update(name.encode() + b"\0" + repr(t.shape).encode())
-        whole = t.indices is None or t.nnz == t.numel
-        h.update(b"dense" if whole else t.indices.cpu().numpy().tobytes())
+        h.update(b"dense" if t.indices is None else t.indices.cpu().numpy().tobytes())
         h.update(t.values.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -106,14 +102,6 @@ def _dense(t: SparseTensor | None, numel: int) -> tuple[torch.Tensor, torch.Tens
         vals[idx] = t.values.detach().float().cpu()
         held[idx] = True
     return vals, held
-
-
-def _tensor(shape: tuple[int, ...], vals: torch.Tensor, held: torch.Tensor) -> SparseTensor:
-    """The canonical form ``SparseTaskVector.add`` gives: dense when every entry is held."""
-    if bool(held.all()):
-        return SparseTensor(shape, None, vals)
-    idx = torch.nonzero(held).reshape(-1)
-    return SparseTensor(shape, idx, vals[idx])
 
 
 @torch.no_grad()
@@ -156,7 +144,7 @@ def overwrite(held: SparseTaskVector, changed: SparseTaskVector) -> SparseTaskVe
         idx = c.flat_indices().cpu()
         vals[idx] = c.values.detach().float().cpu()
         hold[idx] = True
-        out[name] = _tensor(c.shape, vals, hold)
+        out[name] = SparseTensor.from_held(c.shape, vals, hold)
     return SparseTaskVector(out)
 
 

@@ -73,6 +73,15 @@ class SparseTensor:
         out[self.indices] = self.values.to(dtype)
         return out.reshape(self.shape)
 
+    @classmethod
+    def from_held(cls, shape: tuple[int, ...], values: torch.Tensor, held: torch.Tensor) -> SparseTensor:
+        """From flat dense ``values`` and the flat bool ``held`` entries: dense when every
+        entry is held, else the held entries (the form ``SparseTaskVector.add`` gives)."""
+        if bool(held.all()):
+            return cls(shape, None, values)
+        idx = torch.nonzero(held).reshape(-1)
+        return cls(shape, idx, values[idx])
+
     def mask(self) -> torch.Tensor:
         """Boolean tensor of ``shape``: True where an entry is kept."""
         if self.indices is None:
@@ -167,11 +176,7 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
                 idx = t.flat_indices().cpu()
                 acc.index_add_(0, idx, t.values.detach().float().cpu() * s)
                 held[idx] = True
-            if bool(held.all()):
-                out[name] = SparseTensor(shape, None, acc)
-            else:
-                idx = torch.nonzero(held).reshape(-1)
-                out[name] = SparseTensor(shape, idx, acc[idx])
+            out[name] = SparseTensor.from_held(shape, acc, held)
         return SparseTaskVector(out)
 
     @torch.no_grad()

@@ -77,15 +77,16 @@ class LotaFedAvg(FedAvg):
     def run(self, grid: Grid, *, first_round: int = 1, checkpoint_dir: Path | None = None) -> None:
         """Rounds ``first_round .. num-server-rounds``: Flower's train / evaluate cycle (as in
         ``Strategy.start``), then the server state is checkpointed atomically."""
+        # no arrays go into Flower's shared record: G goes to each node as its own change (_to_nodes)
         for rnd in range(first_round, self.cfg.num_server_rounds + 1):
             log(INFO, "[ROUND %s/%s]", rnd, self.cfg.num_server_rounds)
             replies = grid.send_and_receive(
-                messages=self.configure_train(rnd, self.global_arrays(), ConfigRecord(), grid),
+                messages=self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid),
                 timeout=self.cfg.round_timeout,
             )
             self.aggregate_train(rnd, replies)
             replies = grid.send_and_receive(
-                messages=self.configure_evaluate(rnd, self.global_arrays(), ConfigRecord(), grid),
+                messages=self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid),
                 timeout=self.cfg.round_timeout,
             )
             self.aggregate_evaluate(rnd, replies)
@@ -120,10 +121,6 @@ class LotaFedAvg(FedAvg):
         self.book.rows = list(ckpt.rows)
         random.setstate(ckpt.rng)
         self.run_tag = ckpt.extra.get("run_tag", self.run_tag)
-
-    def global_arrays(self) -> ArrayRecord:
-        """The whole global update (each node is sent its own change: ``_to_nodes``)."""
-        return ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
 
     def _to_nodes(self, messages: list[Message], extra: dict[str, dict] | None = None) -> list[Message]:
         """Each message its own content (FedAvg gives all of them one RecordDict): G as the
@@ -268,7 +265,7 @@ class LotaFedAvg(FedAvg):
         if not self.is_eval_round(server_round):
             return []
         config["merge"] = self.cfg.merge
-        record = ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
+        record = ArrayRecord()  # G itself goes to each node as its own change (_to_nodes)
         for name, payload in self.aggregator.candidates.items():
             if name != self.cfg.merge:
                 record[f"{PAYLOAD}@{name}"] = fltv_array(payload)
