@@ -36,16 +36,16 @@ def one_round(n: int) -> dict:
     base = rss_mb()
     reset_peak_rss()
     t0 = time.perf_counter()
-    r = agg.aggregate([Upload(str(i), p, 1.0, mask_key=f"p{i}") for i, p in enumerate(payloads)])
+    r = agg.aggregate([Upload(str(i), p, 1.0, partition=i) for i, p in enumerate(payloads)])
     seconds = time.perf_counter() - t0
     assert len(r.accepted) == n
-    nnz = sum(t.nnz for t in agg.masks["p0"].values())
+    nnz = sum(t.nnz for t in agg.masks["0"].values())
     return {
         "clients": n,
         "payload_mb": sum(map(len, payloads)) / 1e6,
         "peak_extra_mb": peak_rss_mb() - base,
         "decoded_upload_mb": nnz * 12 / 1e6,
-        "dense_model_mb": sum(t.numel for t in agg.masks["p0"].values()) * 4 / 1e6,
+        "dense_model_mb": sum(t.numel for t in agg.masks["0"].values()) * 4 / 1e6,
         "seconds": seconds,
     }
 
@@ -53,10 +53,10 @@ def one_round(n: int) -> dict:
 def resume_time() -> dict:
     """Save and load a checkpoint as after round 2 of the default federation: G over the
     union of 4 masks (about 34% dense) and the 4 masks."""
-    masks = {f"p{i}": random_sparse(SCOPE, 0.1, seed=100 + i) for i in range(4)}
-    g = masks["p0"]
+    masks = {str(i): random_sparse(SCOPE, 0.1, seed=100 + i) for i in range(4)}
+    g = masks["0"]
     for i in range(1, 4):
-        g = g.add(masks[f"p{i}"])
+        g = g.add(masks[str(i)])
     ckpt = Checkpoint(2, g, masks, [{"round": 1}, {"round": 2}], RunConfig().__dict__, None)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def resume_time() -> dict:
         t0 = time.perf_counter()
         back = load_checkpoint(d)
         agg = Aggregator(RunConfig())
-        agg.restore(back.global_tv, back.masks)
+        agg.restore(back.global_tv, back.masks, {int(n): n for n in back.masks})
         load_s = time.perf_counter() - t0
     return {"checkpoint_mb": size / 1e6, "save_s": save_s, "resume_s": load_s, "global_density": g.density}
 

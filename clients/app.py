@@ -16,17 +16,17 @@ from flwr.clientapp import ClientApp
 from fl_lota.console import quiet_libraries
 from fl_lota.downlink import held_from, receive, to_keep
 from fl_lota.fedclient import LocalNode
+from fl_lota.protocol import EvalInstruction, GlobalRef, TrainInstruction
 from fl_lota.runconfig import RunConfig
 from fl_lota.task_vector import SparseTaskVector
-
-from .wire import ARRAYS, CONFIG, METRICS, PAYLOAD, STATE, fltv_array, payloads
+from wire import ARRAYS, METRICS, PAYLOAD, config_of, payload_record, payloads, record
 
 app = ClientApp()
 
 _NODES: dict[tuple[RunConfig, int], LocalNode] = {}
-# node state: the G this node holds, as the payloads it came in (fl_lota.downlink.to_keep)
-# and its digest
-HELD, HELD_VALUES, HELD_DIGEST = "fl-lota-g", "fl-lota-g-values", "fl-lota-g-digest"
+# node state, kept between rounds: the LoTA mask (the payload that registered it), and the
+# G this node holds as the payloads it came in (fl_lota.downlink.to_keep) with its digest
+MASK, HELD, HELD_VALUES, HELD_DIGEST = "fl-lota", "fl-lota-g", "fl-lota-g-values", "fl-lota-g-digest"
 _DECODED: dict[str, SparseTaskVector] = {}  # digest -> the held G decoded (the last one, per process)
 
 
@@ -57,7 +57,7 @@ def _node(context: Context) -> LocalNode:
     return _NODES[(cfg, pid)]
 
 
-def global_update(cfg: RunConfig, payload: bytes, config: ConfigRecord, context: Context) -> SparseTaskVector:
+def global_update(cfg: RunConfig, payload: bytes, ref: GlobalRef, context: Context) -> SparseTaskVector:
     """The G this message names, rebuilt from the node's copy and the change it carries;
     the node keeps the result for the next message."""
     state = context.state
@@ -69,12 +69,12 @@ def global_update(cfg: RunConfig, payload: bytes, config: ConfigRecord, context:
         held = _DECODED.get(str(held_digest))
         if held is None:
             held = held_from(layout, payloads(records[HELD_VALUES])[""] if HELD_VALUES in records else None)
-    g, digest = receive(held, None if held is None else str(held_digest), payload, config)
+    g, digest = receive(held, None if held is None else str(held_digest), payload, ref)
     if digest != held_digest:
-        layout, values = to_keep(layout, g, payload, config, cfg.values)
-        state[HELD] = ArrayRecord({PAYLOAD: fltv_array(layout)})
+        layout, values = to_keep(layout, g, payload, ref, cfg.values)
+        state[HELD] = payload_record(layout)
         if values is not None:
-            state[HELD_VALUES] = ArrayRecord({PAYLOAD: fltv_array(values)})
+            state[HELD_VALUES] = payload_record(values)
         elif HELD_VALUES in records:
             del state[HELD_VALUES]
         state[HELD_DIGEST] = ConfigRecord({"digest": digest})
@@ -86,36 +86,35 @@ def global_update(cfg: RunConfig, payload: bytes, config: ConfigRecord, context:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
-    received = payloads(msg.content[ARRAYS])
-    config = msg.content[CONFIG]
-    g = global_update(node.cfg, received[""], config, context)
-    run_tag = str(config.get("fl-lota-run", ""))
-    state = context.state.array_records.get(STATE)
-    mask_payload = payloads(state)[""] if state is not None and PAYLOAD in state else node.load_mask(run_tag)
+    received = payloads(record(msg, ARRAYS, ArrayRecord))
+    todo = TrainInstruction.from_config(config_of(msg))
+    g = global_update(node.cfg, received[""], todo.g, context)
+    kept = context.state.array_records.get(MASK)
+    mask_payload = payloads(kept)[""] if kept is not None and PAYLOAD in kept else node.load_mask(todo.run_tag)
     out = node.train(
         g,
         mask_payload,
-        server_round=int(config["server-round"]),
-        eval_start=bool(config.get("eval-start", False)),
-        eval_local=bool(config.get("eval-local", False)),
-        register_mask=bool(config.get("register-mask", False)),
+        server_round=todo.server_round,
+        eval_start=todo.eval_start,
+        eval_local=todo.eval_local,
+        register_mask=todo.register_mask,
     )
     if out.mask_payload is not None:  # keep the mask for the values-only rounds
-        context.state[STATE] = ArrayRecord({PAYLOAD: fltv_array(out.mask_payload)})
-        node.save_mask(run_tag, out.mask_payload)
-    content = RecordDict({ARRAYS: ArrayRecord({PAYLOAD: fltv_array(out.payload)}), METRICS: MetricRecord(out.metrics)})
+        context.state[MASK] = payload_record(out.mask_payload)
+        node.save_mask(todo.run_tag, out.mask_payload)
+    content = RecordDict({ARRAYS: payload_record(out.payload), METRICS: MetricRecord(out.report.to_metrics())})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     node = _node(context)
-    received = payloads(msg.content[ARRAYS])
-    config = msg.content[CONFIG]
-    primary = str(config.get("merge", "global"))
+    received = payloads(record(msg, ARRAYS, ArrayRecord))
+    todo = EvalInstruction.from_config(config_of(msg))
     # G as the change from what this node holds; the further merges' G whole (scored once)
     candidates = {
-        (name or primary): (global_update(node.cfg, p, config, context) if not name else p)
+        (name or todo.merge): (global_update(node.cfg, p, todo.g, context) if not name else p)
         for name, p in received.items()
     }
-    return Message(content=RecordDict({METRICS: MetricRecord(node.evaluate(candidates))}), reply_to=msg)
+    report = node.evaluate(candidates)
+    return Message(content=RecordDict({METRICS: MetricRecord(report.to_metrics())}), reply_to=msg)

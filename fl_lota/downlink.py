@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from . import codec
+from .protocol import EMPTY, GlobalRef
 from .task_vector import SparseTaskVector, SparseTensor
 
 __all__ = [
@@ -46,8 +46,6 @@ __all__ = [
     "receive",
     "to_keep",
 ]
-
-EMPTY = "nothing"  # the base of a change from nothing (the whole update); Flower refuses "" in a record
 
 
 class DownlinkError(ValueError):
@@ -177,20 +175,20 @@ class Sent:
     digest: str
     mode: str = "entries"  # "entries": indices and values; "values": values on the held support
 
-    def config(self) -> dict[str, str]:
-        return {"g-base": self.base, "g-digest": self.digest, "g-mode": self.mode}
+    @property
+    def ref(self) -> GlobalRef:
+        """What the message's instruction says of its payload."""
+        return GlobalRef(self.base, self.digest, self.mode)
 
 
-def receive(held: SparseTaskVector | None, held_digest: str | None, payload: bytes, meta: Mapping[str, object]):
+def receive(held: SparseTaskVector | None, held_digest: str | None, payload: bytes, ref: GlobalRef):
     """The client's side: its copy of ``G`` (with digest ``held_digest``; None: it holds
-    nothing) brought to the version the message names. Returns (G, its digest). Raises
+    nothing) brought to the version ``ref`` names. Returns (G, its digest). Raises
     DownlinkError when the change is from a version the client does not hold (and it does
     not already hold the result), or when the result is not what the server holds."""
-    base, want, mode = meta.get("g-base"), meta.get("g-digest"), meta.get("g-mode", "entries")
-    if not isinstance(base, str) or not isinstance(want, str) or not want:
-        raise DownlinkError("the message lacks the global update's g-base and g-digest")
-    if mode not in ("entries", "values") or (mode == "values" and base == EMPTY):
-        raise DownlinkError(f"unknown g-mode {mode!r} (from {base!r})")
+    base, want, mode = ref.base, ref.digest, ref.mode
+    if mode == "values" and base == EMPTY:
+        raise DownlinkError(f"g-mode {mode!r} from {base!r}: there is no support to put values on")
     if base == EMPTY:
         held = SparseTaskVector()
     elif held is None or held_digest != base:
@@ -224,16 +222,16 @@ def held_from(layout: bytes, values: bytes | None = None) -> SparseTaskVector:
 
 
 def to_keep(
-    layout: bytes | None, got: SparseTaskVector, payload: bytes, meta: Mapping[str, object], values: str
+    layout: bytes | None, got: SparseTaskVector, payload: bytes, ref: GlobalRef, values: str
 ) -> tuple[bytes, bytes | None]:
     """What a client keeps of the ``G`` it just rebuilt (``got``, from ``payload``): the
     payloads as they came, so that keeping costs no encoding. The whole ``G`` is kept as it
     came; values on the held support replace the kept values; an indexed change (the
     support grew, or few entries changed) makes the client encode ``G`` (exactly) as its
     new layout: one encoding of ``G`` per such message."""
-    if meta.get("g-base") == EMPTY:
+    if ref.base == EMPTY:
         return payload, None
-    if meta.get("g-mode") == "values" and layout is not None:
+    if ref.mode == "values" and layout is not None:
         return layout, payload
     return encode_exact(got, values), None
 

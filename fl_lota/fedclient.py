@@ -35,6 +35,7 @@ from .methods import finetune
 from .models import load
 from .partition import ClientData, client_data
 from .prompting import to_examples
+from .protocol import EvalReport, TrainReport
 from .runconfig import RunConfig
 from .task_vector import SparseTaskVector
 
@@ -68,8 +69,13 @@ class TrainOutcome:
     payload: bytes  # the FLTV upload
     values_only: bool
     mask_payload: bytes | None  # set when a new mask was made: keep it for later rounds
-    metrics: dict[str, float] = field(default_factory=dict)
+    report: TrainReport  # what the client reports with the upload
     seen: list[int] = field(default_factory=list)  # indices of the training examples used, in order
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The report as it travels (``TrainReport.to_metrics``)."""
+        return self.report.to_metrics()
 
 
 class LocalNode:
@@ -136,16 +142,19 @@ class LocalNode:
             g.apply_to(model)
         return model, tok, time.perf_counter() - t0
 
-    def _scores(self, model, tok, prefix: str) -> dict[str, float]:
-        out = {}
-        for task in self.data.tasks:
-            out[f"{prefix}.{task.name}"] = float(
-                evaluate(model, tok, task, progress=False, batch_size=self.cfg.eval_batch_size, bf16=self.cfg.bf16)[
-                    "score"
-                ]
+    def _scores(self, model, tok) -> dict[str, float]:
+        """Task -> score of ``model`` on this client's test split(s)."""
+        cfg = self.cfg
+        return {
+            task.name: float(
+                evaluate(model, tok, task, progress=False, batch_size=cfg.eval_batch_size, bf16=cfg.bf16)["score"]
             )
-            out[f"n.{task.name}"] = float(len(task.test))
-        return out
+            for task in self.data.tasks
+        }
+
+    @property
+    def test_items(self) -> dict[str, int]:
+        return {task.name: len(task.test) for task in self.data.tasks}
 
     def _on_device(self, phase: str, work: Callable[[], T]) -> T:
         """Run ``work``, measuring peak GPU memory from its start and releasing memory after
@@ -170,11 +179,9 @@ class LocalNode:
             cfg.model, self.device, self.gpu_share, phase, cfg.batch_size, cfg.max_len, cfg.eval_batch_size
         )
 
-    def _peak(self, metrics: dict[str, float]) -> dict[str, float]:
+    def _peak(self) -> int | None:
         peak = devices.peak_bytes(self.device)
-        if peak is not None:
-            metrics["gpu-peak-bytes"] = float(peak)
-        return metrics
+        return None if peak is None else int(peak)
 
     # ---- one training round ------------------------------------------------------
 
@@ -216,11 +223,12 @@ class LocalNode:
     ) -> TrainOutcome:
         cfg = self.cfg
         model, tok, load_s = self._model_at(global_payload)
-        metrics: dict[str, float] = {"partition-id": float(self.partition_id), "load-seconds": load_s}
+        eval_s = None
+        start_scores: dict[str, float] = {}
         if eval_start:
             t0 = time.perf_counter()
-            metrics |= self._scores(model, tok, "start-score")
-            metrics["eval-seconds"] = time.perf_counter() - t0
+            start_scores = self._scores(model, tok)
+            eval_s = time.perf_counter() - t0
         mask = None
         if cfg.method == "lota" and mask_payload is not None:
             mask = codec.decode(mask_payload).masks()
@@ -245,56 +253,67 @@ class LocalNode:
             stream_seed=self.stream_seed,
             **opts,
         )
-        metrics["train-seconds"] = time.perf_counter() - t0
-        for phase, s in res.phases.items():
-            metrics[f"seconds.{phase}"] = s
+        train_s = time.perf_counter() - t0
+        local_scores: dict[str, float] = {}
         if eval_local:
             t0 = time.perf_counter()
-            metrics |= self._scores(model, tok, "local-score")
-            metrics["eval-seconds"] = metrics.get("eval-seconds", 0.0) + time.perf_counter() - t0
+            local_scores = self._scores(model, tok)
+            eval_s = (eval_s or 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         values_only = mask is not None and not register_mask
         upload = res.factors if res.factors is not None else res.delta  # lora: the low-rank factors
         payload = codec.encode(upload, values=cfg.values, values_only=values_only)
         new_mask = payload if cfg.method == "lota" and mask is None else None
-        metrics["codec-seconds"] = time.perf_counter() - t0
-        metrics |= {
-            "num-examples": float(len(examples)),
-            "loss-first": float(res.losses[0]),
-            "loss-last": float(res.losses[-1]),
-            "steps": float(len(res.losses)),
-            "fb-passes": float(res.passes),  # forward+backward batches, calibration included
-            "train-examples": float(len(res.seen)),
-            "distinct-examples": float(len(set(res.seen))),
-            "stream-start": float(res.stream_start),
-            "stream-end": float(res.stream_end),
-            "trained-params": float(res.trained_params),
-            "nnz": float(upload.nnz),  # values sent
-            "numel": float(res.delta.numel),  # entries of the dense update they stand for
-            "payload-bytes": float(len(payload)),
-            "values-only": float(values_only),
-            "index-entropy-bytes": 0.0 if values_only else _index_entropy_bytes(upload),
-        }
-        return TrainOutcome(payload, values_only, new_mask, self._peak(metrics), seen=list(res.seen))
+        report = TrainReport(
+            partition=self.partition_id,
+            num_examples=len(examples),
+            load_seconds=load_s,
+            train_seconds=train_s,
+            codec_seconds=time.perf_counter() - t0,
+            loss_first=float(res.losses[0]),
+            loss_last=float(res.losses[-1]),
+            steps=len(res.losses),
+            fb_passes=res.passes,
+            train_examples=len(res.seen),
+            distinct_examples=len(set(res.seen)),
+            stream_start=res.stream_start,
+            stream_end=res.stream_end,
+            trained_params=res.trained_params,
+            nnz=upload.nnz,
+            numel=res.delta.numel,
+            payload_bytes=len(payload),
+            values_only=values_only,
+            index_entropy_bytes=0.0 if values_only else _index_entropy_bytes(upload),
+            eval_seconds=eval_s,
+            gpu_peak_bytes=self._peak(),
+            phase_seconds=dict(res.phases),
+            start_scores=start_scores,
+            local_scores=local_scores,
+            test_items=self.test_items if eval_start or eval_local else {},
+        )
+        return TrainOutcome(payload, values_only, new_mask, report, seen=list(res.seen))
 
     # ---- evaluation of received models -------------------------------------------
 
-    def evaluate(self, payloads: dict[str, bytes | SparseTaskVector]) -> dict[str, float]:
+    def evaluate(self, payloads: dict[str, bytes | SparseTaskVector]) -> EvalReport:
         """Score ``base + G_m`` for each candidate ``m`` (merge name -> global payload) on
-        this client's test split(s): keys ``score.<task>@<merge>``."""
+        this client's test split(s)."""
         return self._on_device("evaluating", lambda: self._evaluate(payloads))
 
-    def _evaluate(self, payloads: dict[str, bytes | SparseTaskVector]) -> dict[str, float]:
-        out: dict[str, float] = {}
+    def _evaluate(self, payloads: dict[str, bytes | SparseTaskVector]) -> EvalReport:
+        scores: dict[str, dict[str, float]] = {}
         t0 = time.perf_counter()
         for name, payload in payloads.items():
             model, tok, _ = self._model_at(payload)
-            for key, v in self._scores(model, tok, "score").items():
-                out[f"{key}@{name}" if key.startswith("score.") else key] = v
-        out["eval-seconds"] = time.perf_counter() - t0
-        out["num-examples"] = float(sum(len(t.test) for t in self.data.tasks))
-        out["partition-id"] = float(self.partition_id)
-        return self._peak(out)
+            scores[name] = self._scores(model, tok)
+        return EvalReport(
+            partition=self.partition_id,
+            num_examples=sum(self.test_items.values()),
+            eval_seconds=time.perf_counter() - t0,
+            gpu_peak_bytes=self._peak(),
+            scores=scores,
+            test_items=self.test_items,
+        )
 
 
 def _decoded(update: bytes | SparseTaskVector) -> SparseTaskVector:

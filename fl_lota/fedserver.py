@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from . import codec, lowrank
 from .merge import merge
+from .protocol import TrainReport
 from .runconfig import RunConfig
 from .task_vector import SparseTaskVector
 
@@ -64,7 +65,7 @@ class Upload:
     client: str  # the sender's identity: Flower's node id
     payload: bytes
     weight: float  # merge weight: the client's example count (checked by the caller)
-    metrics: dict[str, float] = field(default_factory=dict)
+    report: TrainReport | None = None  # what the client says of it (checked against the payload)
     partition: int | None = None  # the partition it reports (None: not bound to one)
 
 
@@ -223,10 +224,11 @@ class Aggregator:
             if values_only
             else sum(codec.index_entropy_bits(t.numel, t.nnz) for t in layout.values() if not t.is_dense) / 8,
         }
+        claims = up.report.to_metrics() if up.report is not None else {}
         for key, field_name in (("payload_bytes", "payload-bytes"), ("nnz", "nnz"), ("values_only", "values-only")):
-            if field_name in up.metrics and up.metrics[field_name] != float(m[key]):
+            if field_name in claims and claims[field_name] != float(m[key]):
                 raise UploadError(
-                    f"client {up.client}: reports {field_name} {up.metrics[field_name]:g}, its upload holds {m[key]:g}"
+                    f"client {up.client}: reports {field_name} {claims[field_name]:g}, its upload holds {m[key]:g}"
                 )
         self._measured[up.client] = m
 

@@ -87,9 +87,9 @@ def isolated_run(cfg: RunConfig, partition_id: int, task: Task, *, evaluate: boo
         result = agg.aggregate([Upload("solo", out.payload, 1.0, partition=partition_id)])
         if result.rejected:
             raise RuntimeError(f"single-task run of {task.name}: its own upload was refused: {result.rejected}")
-        passes += int(out.metrics["fb-passes"])
-        examples += int(out.metrics["train-examples"])
-        train_s += out.metrics["train-seconds"]
+        passes += out.report.fb_passes
+        examples += out.report.train_examples
+        train_s += out.report.train_seconds
         seen.append(out.seen)
     scores, eval_s = {}, 0.0
     if evaluate:
@@ -102,13 +102,8 @@ def isolated_run(cfg: RunConfig, partition_id: int, task: Task, *, evaluate: boo
 def score_models(node: LocalNode, payloads: Mapping[str, bytes]) -> dict[str, dict[str, float]]:
     """``{name: {task: score}}`` of ``base + G`` for each payload, on the node's evaluation
     split(s)."""
-    raw = node.evaluate(dict(payloads))
-    out: dict[str, dict[str, float]] = {name: {} for name in payloads}
-    for key, v in raw.items():
-        if key.startswith("score."):
-            task, _, name = key[len("score.") :].rpartition("@")
-            out[name][task] = v
-    return out
+    scores = node.evaluate(dict(payloads)).scores
+    return {name: scores.get(name, {}) for name in payloads}
 
 
 def score_merge(

@@ -122,7 +122,7 @@ def sparse_adapt(
     the sparse task vector over the mask. Every entry outside it is left bit-identical."""
     missing = set(mask) - set(params)
     if missing:
-        raise KeyError(f"mask names parameters outside the scope: {sorted(missing)[:5]}")
+        raise ValueError(f"mask names parameters outside the scope: {sorted(missing)[:5]}")
     idx = {n: torch.nonzero(m.reshape(-1), as_tuple=False).reshape(-1) for n, m in mask.items()}
     base_vals = {n: params[n].detach().reshape(-1)[i].float().clone() for n, i in idx.items()}
     sub = {n: params[n] for n in mask}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["SparseTensor", "SparseTaskVector", "dense_delta", "state_of"]
+__all__ = ["SparseTaskVector", "SparseTensor"]
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         mask = mask or {}
         missing = set(mask) - set(delta)
         if missing:
-            raise KeyError(f"mask names tensors the delta lacks: {sorted(missing)[:5]}")
+            raise ValueError(f"mask names tensors the delta lacks: {sorted(missing)[:5]}")
         out = {}
         for name, d in delta.items():
             flat = d.detach().reshape(-1)
@@ -182,11 +182,11 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
     @torch.no_grad()
     def apply_to(self, params: Mapping[str, torch.Tensor] | torch.nn.Module, scale: float = 1.0) -> None:
         """In place: ``param += scale * delta`` at the kept entries (accumulated in the
-        parameter's dtype). Raises KeyError on a tensor the target lacks."""
+        parameter's dtype). Raises ValueError on a tensor the target lacks."""
         target = dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
         for name, t in self._tensors.items():
             if name not in target:
-                raise KeyError(f"task vector tensor {name!r} not found in the target")
+                raise ValueError(f"task vector tensor {name!r} not found in the target")
             p = target[name]
             if tuple(p.shape) != t.shape:
                 raise ValueError(f"{name}: shape {tuple(p.shape)} != task vector shape {t.shape}")
@@ -229,17 +229,3 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
             shape = tuple(int(s) for s in shape_s.split(",")) if shape_s else ()
             out[name] = SparseTensor(shape, raw.get(f"{name}::indices"), raw[f"{name}::values"])
         return cls(out)
-
-
-def state_of(model: torch.nn.Module, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Detached copies of the model's parameters (all, or ``names``), for later deltas."""
-    params = dict(model.named_parameters())
-    names = list(params) if names is None else names
-    return {n: params[n].detach().clone() for n in names}
-
-
-@torch.no_grad()
-def dense_delta(model: torch.nn.Module, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tuned - base`` for every tensor in ``base`` (float32)."""
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().float() - b.float() for n, b in base.items()}

@@ -81,7 +81,7 @@ def train(
     masks = masks or {}
     unknown = set(masks) - set(params)
     if unknown:
-        raise KeyError(f"masks for parameters not being trained: {sorted(unknown)[:5]}")
+        raise ValueError(f"masks for parameters not being trained: {sorted(unknown)[:5]}")
     pmasks = {params[n]: m.to(device) for n, m in masks.items()}
     trainable = list(params.values())
     opt = build_optimizer(

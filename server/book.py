@@ -31,6 +31,7 @@ from pathlib import Path
 
 from fl_lota.data import client_stream_seed, stream_order
 from fl_lota.fedserver import RoundMerge
+from fl_lota.protocol import EvalReport, TrainReport
 from fl_lota.runconfig import RunConfig
 from fl_lota.tasks import task_label
 
@@ -80,7 +81,8 @@ class RoundBook:
         }
         self._downlink = downlink
         self._eval_downlink: dict[int, int] = {}
-        self._evals: list[tuple[int, dict[str, float]]] = []
+        self._reports: dict[str, TrainReport] = {}  # node -> its training report this round
+        self._evals: list[EvalReport] = []
 
     def never_accepted(self) -> dict[str, str]:
         """Nodes sent training instructions in some round whose uploads were never accepted
@@ -102,41 +104,40 @@ class RoundBook:
         had = self.row["rejected"].get(str(node))
         self.row["rejected"][str(node)] = reason if had is None or had == reason else f"{had}; {reason}"
 
-    def upload(self, node: int, message_bytes: int, array_bytes: int, m: dict[str, float]) -> None:
-        pid = int(m.get("partition-id", -1))
-        start, end = int(m.get("stream-start", 0)), int(m.get("stream-end", 0))
+    def upload(self, node: int, message_bytes: int, array_bytes: int, r: TrainReport) -> None:
         self.row["clients"].append(
             {
                 "node": str(node),
-                "partition": pid,
-                "client": self.client_name(pid),
+                "partition": r.partition,
+                "client": self.client_name(r.partition),
                 "message_bytes": message_bytes,
                 "array_bytes": array_bytes,
-                "payload_bytes": int(m.get("payload-bytes", 0)),
+                "payload_bytes": r.payload_bytes,
                 "downlink_bytes": self._downlink.get(node, 0),
-                "values_only": bool(m.get("values-only", 0)),
-                "nnz": int(m.get("nnz", 0)),
-                "numel": int(m.get("numel", 0)),
-                "index_entropy_bytes": m.get("index-entropy-bytes", 0.0),
-                "examples": int(m.get("num-examples", 0)),
-                "fb_passes": int(m.get("fb-passes", 0)),
-                "train_examples": int(m.get("train-examples", 0)),
+                "values_only": r.values_only,
+                "nnz": r.nnz,
+                "numel": r.numel,
+                "index_entropy_bytes": r.index_entropy_bytes,
+                "examples": r.num_examples,
+                "fb_passes": r.fb_passes,
+                "train_examples": r.train_examples,
                 "examples_seen": {
-                    "stream_start": start,
-                    "stream_end": end,
-                    "distinct": int(m.get("distinct-examples", 0)),
-                    "indices": self._stream_indices(pid, int(m.get("num-examples", 0)), start, end),
+                    "stream_start": r.stream_start,
+                    "stream_end": r.stream_end,
+                    "distinct": r.distinct_examples,
+                    "indices": self._stream_indices(r.partition, r.num_examples, r.stream_start, r.stream_end),
                 },
-                "loss_first": m.get("loss-first"),
-                "loss_last": m.get("loss-last"),
-                "train_seconds": m.get("train-seconds", 0.0),
-                "eval_seconds": m.get("eval-seconds", 0.0),
-                "load_seconds": m.get("load-seconds", 0.0),
-                "codec_seconds": m.get("codec-seconds", 0.0),
-                "gpu_peak_bytes": _opt_int(m.get("gpu-peak-bytes")),  # None off a GPU
-                "metrics": m,
+                "loss_first": r.loss_first,
+                "loss_last": r.loss_last,
+                "train_seconds": r.train_seconds,
+                "eval_seconds": r.eval_seconds or 0.0,
+                "load_seconds": r.load_seconds,
+                "codec_seconds": r.codec_seconds,
+                "gpu_peak_bytes": r.gpu_peak_bytes,  # None off a GPU
+                "metrics": r.to_metrics(),  # the report as it came
             }
         )
+        self._reports[str(node)] = r
 
     def _stream_indices(self, partition: int, n: int, start: int, end: int) -> list[int]:
         """The indices of the examples a client trained on: its stream positions, read
@@ -182,8 +183,9 @@ class RoundBook:
                 "client_codec": sum(c["codec_seconds"] for c in cs),
             },
         }
-        self.row["start_scores"] = self._task_scores([(c["partition"], c["metrics"]) for c in good], "start-score.")
-        self.row["local_scores"] = self._task_scores([(c["partition"], c["metrics"]) for c in good], "local-score.")
+        reports = [self._reports[c["node"]] for c in good]
+        self.row["start_scores"] = _task_scores([(r.start_scores, r.test_items) for r in reports])
+        self.row["local_scores"] = _task_scores([(r.local_scores, r.test_items) for r in reports])
 
     def train_summary(self) -> dict[str, float]:
         r = self.row
@@ -193,17 +195,16 @@ class RoundBook:
         self.row["eval_downlink_bytes"] = sum(downlink.values())
         self._eval_downlink = dict(downlink)
 
-    def evaluated(self, node: int, metrics: dict[str, float]) -> None:
-        pid = int(metrics.get("partition-id", -1))
-        self._evals.append((pid, metrics))
+    def evaluated(self, node: int, r: EvalReport) -> None:
+        self._evals.append(r)
         self.row.setdefault("eval_clients", []).append(
             {
                 "node": str(node),
-                "partition": pid,
-                "client": self.client_name(pid),
+                "partition": r.partition,
+                "client": self.client_name(r.partition),
                 "downlink_bytes": self._eval_downlink.get(node, 0),
-                "eval_seconds": metrics.get("eval-seconds", 0.0),
-                "gpu_peak_bytes": _opt_int(metrics.get("gpu-peak-bytes")),
+                "eval_seconds": r.eval_seconds,
+                "gpu_peak_bytes": r.gpu_peak_bytes,
             }
         )
 
@@ -212,7 +213,7 @@ class RoundBook:
         row.setdefault("uplink_bytes", 0)
         scores: dict[str, dict[str, float]] = {}
         for merge in self.cfg.merges:
-            s = self._task_scores(self._evals, "score.", suffix=f"@{merge}")
+            s = _task_scores([(r.scores.get(merge, {}), r.test_items) for r in self._evals])
             if s:
                 scores[merge] = s
         row["scores"] = scores
@@ -220,7 +221,7 @@ class RoundBook:
         row["remerged"] = [m for m in scores if m != self.cfg.merge]
         # with client sampling only clients that have trained are scored: a mean over some
         # of the clients is not the federation's mean, and is marked so
-        scored = sorted({pid for pid, _ in self._evals})
+        scored = sorted({r.partition for r in self._evals})
         row["scored_partitions"] = scored
         row["eval_partial"] = bool(scores) and len(scored) < self.cfg.spec.num_clients
         row.setdefault("eval_clients", [])
@@ -228,7 +229,7 @@ class RoundBook:
         row["seconds"] |= {
             "eval_wall": eval_wall,
             "round_wall": round_wall,
-            "client_eval": sum(m.get("eval-seconds", 0.0) for _, m in self._evals),
+            "client_eval": sum(r.eval_seconds for r in self._evals),
         }
         prev = self.rows[-1] if self.rows else {}
         for key in ("uplink_bytes", "downlink_bytes", "eval_downlink_bytes"):
@@ -251,17 +252,6 @@ class RoundBook:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def _task_scores(self, items: list[tuple[int, dict[str, float]]], prefix: str, suffix: str = "") -> dict:
-        """Per task, the mean of ``<prefix><task><suffix>`` over clients weighted by their
-        test-set sizes ``n.<task>``."""
-        pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
-        for _, m in items:
-            for key, v in m.items():
-                if key.startswith(prefix) and key.endswith(suffix):
-                    task = key[len(prefix) : len(key) - len(suffix) if suffix else None]
-                    pairs[task].append((v, m.get(f"n.{task}", 1.0)))
-        return {t: _weighted(p) for t, p in sorted(pairs.items())}
-
     # ---- printing -----------------------------------------------------------------
 
     def client_lines(self, phase: str) -> list[str]:
@@ -274,8 +264,8 @@ class RoundBook:
         if phase == "train":
             for c in sorted(self.row.get("clients", []), key=lambda c: c.get("partition", -1)):
                 line = f"round {r} {c.get('client')}: train {_num(c.get('train_seconds'), 1)} s"
-                m = c.get("metrics", {})
-                phases = ", ".join(f"{k[8:]} {_num(v, 1)} s" for k, v in m.items() if k.startswith("seconds."))
+                report = self._reports.get(c.get("node"))
+                phases = ", ".join(f"{k} {_num(v, 1)} s" for k, v in (report.phase_seconds if report else {}).items())
                 line += f" ({phases})" if phases else ""
                 if c.get("loss_first") is not None or c.get("loss_last") is not None:
                     line += f", loss {_num(c.get('loss_first'))} -> {_num(c.get('loss_last'))}"
@@ -286,13 +276,8 @@ class RoundBook:
                     line += ", upload refused (reason above)"
                 out.append(line + _gpu(c))
         else:
-            suffix = f"@{self.cfg.merge}"
-            for (_, m), c in zip(self._evals, self.row.get("eval_clients", []), strict=True):
-                scores = " ".join(
-                    f"{k[6 : -len(suffix)]}={_num(v)}"
-                    for k, v in m.items()
-                    if k.startswith("score.") and k.endswith(suffix)
-                )
+            for report, c in zip(self._evals, self.row.get("eval_clients", []), strict=True):
+                scores = " ".join(f"{t}={_num(v)}" for t, v in report.scores.get(self.cfg.merge, {}).items())
                 out.append(
                     f"round {r} {c.get('client')}: evaluate {_num(c.get('eval_seconds'), 1)} s, {scores}" + _gpu(c)
                 )
@@ -316,8 +301,14 @@ class RoundBook:
         return " | ".join(parts)
 
 
-def _opt_int(v: float | None) -> int | None:
-    return None if v is None else int(v)
+def _task_scores(items: list[tuple[dict[str, float], dict[str, int]]]) -> dict[str, float]:
+    """Per task, the mean of the clients' scores weighted by their test items (a score
+    without its item count weighs 1)."""
+    pairs: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for scores, items_of in items:
+        for task, v in scores.items():
+            pairs[task].append((v, items_of.get(task, 1.0)))
+    return {t: _weighted(p) for t, p in sorted(pairs.items())}
 
 
 def _gpu(c: dict) -> str:

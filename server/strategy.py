@@ -1,10 +1,14 @@
 """LotaFedAvg: Flower's FedAvg with fl-lota's merge in place of weighted array averaging.
 
-Overrides only what differs (the FedMedian way): replies are FLTV payloads decoded and
-merged by ``fl_lota.fedserver.Aggregator``; the global update goes out as the change since
-the version each node holds (``fl_lota.downlink``: the whole update to a node that holds
-none), so every message has its own content; each round's bytes, as counted on the actual
-messages (``count_bytes()``), and scores go to a ``RoundBook`` that writes ``metrics.jsonl``.
+Flower samples the nodes (FedAvg's ``configure_train`` / ``configure_evaluate``); the rest
+differs: each message gets its own content built from the round protocol
+(``fl_lota.protocol``, in Flower records by ``wire``) with the global update as the change
+since the version its node holds (``fl_lota.downlink``: the whole update to a node that
+holds none); replies are parsed and checked one by one and their FLTV payloads decoded and
+merged by ``fl_lota.fedserver.Aggregator``; each round's bytes, as counted on the actual
+messages (``count_bytes()``), and scores go to a ``RoundBook`` that writes
+``metrics.jsonl``. ``run`` drives the rounds itself (Flower's ``Strategy.start`` always
+begins at round 1 and has no hook to checkpoint a round) so that a run can resume.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -21,12 +25,12 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from clients.wire import ARRAYS, CONFIG, METRICS, PAYLOAD, content_bytes, fltv_array, payloads
 from fl_lota.checkpoint import Checkpoint, save_checkpoint
 from fl_lota.downlink import Downlink
 from fl_lota.fedserver import Aggregator, Upload
-from fl_lota.reports import ReportError, eval_report, train_report
+from fl_lota.protocol import EvalInstruction, EvalReport, GlobalRef, ReportError, TrainInstruction, TrainReport
 from fl_lota.runconfig import RESUME_MAY_CHANGE, RunConfig
+from wire import ARRAYS, CONFIG, content_bytes, metrics_of, payload_record, payloads, record
 
 from . import updates
 from .book import RoundBook
@@ -34,15 +38,15 @@ from .book import RoundBook
 __all__ = ["LotaFedAvg"]
 
 
-def _record(msg: Message, name: str):
-    """The reply's record ``name``; a reply without it is malformed."""
-    if name not in msg.content:
-        raise ReportError(f"the reply has no {name!r} record")
-    return msg.content[name]
+def _split(replies: Iterable[Message]) -> tuple[list[Message], list[Message]]:
+    """(replies with content, replies carrying an error); every content is checked later,
+    reply by reply, so that one bad reply is refused alone (the round's line counts both)."""
+    replies = list(replies)
+    return [m for m in replies if not m.has_error()], [m for m in replies if m.has_error()]
 
 
 def _why(e: Exception) -> str:
-    return str(e) if isinstance(e, ValueError | KeyError) else f"{type(e).__name__}: {e}"
+    return str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
 
 
 class LotaFedAvg(FedAvg):
@@ -71,6 +75,7 @@ class LotaFedAvg(FedAvg):
         self.downlink = Downlink(cfg.values)  # what each node holds of G, and the change it needs
         self.run_tag = uuid.uuid4().hex  # names this run's client state (kept across resumes)
         self._t: dict[str, float] = {}
+        self._candidates: dict[str, bytes] = {}  # further merges' G, sent whole for scoring
 
     # ---- the rounds, with a checkpoint after each ---------------------------------------
 
@@ -122,17 +127,18 @@ class LotaFedAvg(FedAvg):
         random.setstate(ckpt.rng)
         self.run_tag = ckpt.extra.get("run_tag", self.run_tag)
 
-    def _to_nodes(self, messages: list[Message], extra: dict[str, dict] | None = None) -> list[Message]:
+    def _to_nodes(
+        self, messages: list[Message], instruction: Callable[[str, GlobalRef], TrainInstruction | EvalInstruction]
+    ) -> list[Message]:
         """Each message its own content (FedAvg gives all of them one RecordDict): G as the
-        change from the version its node holds, the record's other arrays, the config with
-        the change's versions and ``extra[node]``."""
+        change from the version its node holds, the further merges' G (``candidates``,
+        whole) and ``instruction(node, what the payload builds)`` as its config."""
+        candidates = self._candidates
         for m in messages:
             node = str(m.metadata.dst_node_id)
             sent = self.downlink.for_node(node)
-            arrays = ArrayRecord({k: v for k, v in m.content[ARRAYS].items() if k != PAYLOAD})
-            arrays[PAYLOAD] = fltv_array(sent.payload)
-            config = dict(m.content[CONFIG]) | sent.config() | (extra or {}).get(node, {})
-            m.content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(config)})
+            config = ConfigRecord(instruction(node, sent.ref).to_config())
+            m.content = RecordDict({ARRAYS: payload_record(sent.payload, **candidates), CONFIG: config})
         return messages
 
     def is_eval_round(self, server_round: int) -> bool:
@@ -145,14 +151,20 @@ class LotaFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._t = {"round-start": time.perf_counter()}
         self._online = {str(n) for n in grid.get_node_ids()}  # partitions of nodes that left may be taken over
-        config["eval-start"] = server_round == 1 and self.cfg.eval_base
-        config["fl-lota-run"] = self.run_tag
-        config["eval-local"] = self.is_eval_round(server_round) and self.cfg.eval_local
+        # Flower samples the nodes; what each is sent is built per node (_to_nodes)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        # a client whose mask the server does not hold sends it again
-        nodes = [str(m.metadata.dst_node_id) for m in messages]
-        again = {n: {"register-mask": True} for n in nodes if self.aggregator.needs_mask(n)}
-        messages = self._to_nodes(messages, again)
+        self._candidates = {}
+        messages = self._to_nodes(
+            messages,
+            lambda node, g: TrainInstruction(
+                server_round=server_round,
+                run_tag=self.run_tag,
+                g=g,
+                eval_start=server_round == 1 and self.cfg.eval_base,
+                eval_local=self.is_eval_round(server_round) and self.cfg.eval_local,
+                register_mask=self.aggregator.needs_mask(node),  # the server holds no mask for it
+            ),
+        )
         self.book.start_round(server_round, {m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         self._t["train-sent"] = time.perf_counter()
         return messages
@@ -161,7 +173,7 @@ class LotaFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         t_recv = time.perf_counter()
-        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        valid, errors = _split(replies)
         self._track(valid, errors)
         for msg in errors:
             self.book.failure(msg.metadata.src_node_id, msg.error.reason)
@@ -169,22 +181,23 @@ class LotaFedAvg(FedAvg):
         for msg in valid:
             node = msg.metadata.src_node_id
             try:  # one guarded path per reply: whatever is wrong with it, only it is refused
-                payload = payloads(_record(msg, ARRAYS))[""]
-                report = train_report(
-                    _record(msg, METRICS),
+                arrays = record(msg, ARRAYS, ArrayRecord)
+                payload = payloads(arrays)[""]
+                report = TrainReport.from_metrics(
+                    metrics_of(msg),
                     num_clients=self.num_clients,
                     max_examples=self.cfg.max_client_examples,
                     max_items=self.cfg.n_test,
                 )
-                self._check_stream(server_round, report.metrics)
-                self._check_tasks(report.partition, report.metrics, ("start-score.", "local-score.", "n."))
-                self.book.upload(node, content_bytes(msg.content), msg.content[ARRAYS].count_bytes(), report.metrics)
+                self._check_stream(server_round, report)
+                self._check_tasks(report.partition, report.start_scores, report.local_scores, report.test_items)
+                self.book.upload(node, content_bytes(msg.content), arrays.count_bytes(), report)
             except Exception as e:  # untrusted input: whatever breaks, only this reply is refused
                 reason = f"client {node}: malformed reply: {_why(e)}"
                 log(WARNING, "round %d: rejected reply: %s", server_round, reason)
                 self.book.reject(node, reason)
                 continue
-            uploads.append(Upload(str(node), payload, report.weight, report.metrics, partition=report.partition))
+            uploads.append(Upload(str(node), payload, report.weight, report, partition=report.partition))
         result = self.aggregator.aggregate(uploads, online=getattr(self, "_online", None))
         self.downlink.publish(self.aggregator.global_tv, self.aggregator.global_payload)
         try:  # each accepted upload to disk (fl-lota export reads them); the round goes on if this fails
@@ -212,8 +225,7 @@ class LotaFedAvg(FedAvg):
                 self.cfg.min_replies,
             )
             return None, None
-        arrays = ArrayRecord({PAYLOAD: fltv_array(self.aggregator.global_payload)})
-        return arrays, MetricRecord(self.book.train_summary())
+        return payload_record(self.aggregator.global_payload), MetricRecord(self.book.train_summary())
 
     def _track(self, valid: list[Message], errors: list[Message]) -> None:
         """A reply means its node rebuilt the G it was sent (the ClientApp fails otherwise);
@@ -223,38 +235,31 @@ class LotaFedAvg(FedAvg):
         for msg in errors:
             self.downlink.forget(str(msg.metadata.src_node_id))
 
-    def _check_stream(self, server_round: int, m: dict[str, float]) -> None:
+    def _check_stream(self, server_round: int, report: TrainReport) -> None:
         """The stream positions a client reports are where this round begins, and at most a
         round's examples long (they are expanded into the example list it trained on)."""
-        start, end = m.get("stream-start"), m.get("stream-end")
-        if start is None and end is None:
-            return
+        start, end = report.stream_start, report.stream_end
         expected = self.cfg.stream_start(server_round)
         if start != expected:
             raise ReportError(f"field 'stream-start': {start!r}, but round {server_round} begins at {expected}")
-        if end is None or not 0 <= end - start <= self.cfg.examples_per_round:
+        if not 0 <= end - start <= self.cfg.examples_per_round:
             raise ReportError(
                 f"field 'stream-end': {end!r}, but a round trains on {self.cfg.examples_per_round} examples "
                 f"from {expected}"
             )
 
-    def _check_tasks(
-        self, partition: int, m: dict[str, float], prefixes: tuple[str, ...], *, merges: bool = False
-    ) -> None:
-        """Per-task fields name only the tasks of the client's partition (and, for scores,
-        the merges this run scores)."""
+    def _check_tasks(self, partition: int, *by_task: dict[str, object], merges: dict[str, dict] | None = None) -> None:
+        """Per-task fields name only the tasks of the client's partition, and scores only
+        the merges this run scores."""
         tasks = self.book.tasks_of(partition)
-        for key in m:
-            prefix = next((p for p in prefixes if key.startswith(p)), None)
-            if prefix is None:
-                continue
-            name = key[len(prefix) :]
-            if merges and prefix == "score.":
-                name, _, merge = name.rpartition("@")
-                if merge not in self.cfg.merges:
-                    raise ReportError(f"field {key!r}: {merge!r} is not a merge this run scores")
-            if name not in tasks:
-                raise ReportError(f"field {key!r}: {name!r} is not a task of partition {partition}")
+        for merge, scores in (merges or {}).items():
+            if merge not in self.cfg.merges:
+                raise ReportError(f"scores for {merge!r}, which is not a merge this run scores")
+            by_task += (scores,)
+        for fields in by_task:
+            for name in fields:
+                if name not in tasks:
+                    raise ReportError(f"task {name!r} is not a task of partition {partition}")
 
     # ---- evaluation --------------------------------------------------------------
 
@@ -264,21 +269,18 @@ class LotaFedAvg(FedAvg):
         self._t["eval-start"] = time.perf_counter()
         if not self.is_eval_round(server_round):
             return []
-        config["merge"] = self.cfg.merge
-        record = ArrayRecord()  # G itself goes to each node as its own change (_to_nodes)
-        for name, payload in self.aggregator.candidates.items():
-            if name != self.cfg.merge:
-                record[f"{PAYLOAD}@{name}"] = fltv_array(payload)
         # only nodes with an accepted upload are asked: their partition is bound to them, so
         # their scores can be checked (with client sampling, a node that has not trained yet
         # owns no partition, and its report would be refused)
         owners = set(self.aggregator.owners.values())
         messages = [
             m
-            for m in super().configure_evaluate(server_round, record, config, grid)
+            for m in super().configure_evaluate(server_round, arrays, config, grid)
             if str(m.metadata.dst_node_id) in owners
         ]
-        messages = self._to_nodes(messages)
+        # G goes to each node as its own change; the further merges' G whole, to be scored once
+        self._candidates = {n: p for n, p in self.aggregator.candidates.items() if n != self.cfg.merge}
+        messages = self._to_nodes(messages, lambda node, g: EvalInstruction(server_round, self.cfg.merge, g))
         self.book.eval_sent({m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         return messages
 
@@ -293,7 +295,7 @@ class LotaFedAvg(FedAvg):
             log(INFO, "%s", line)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid, errors = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        valid, errors = _split(replies)
         self._track(valid, errors)
         for msg in errors:
             self.book.failure(msg.metadata.src_node_id, f"evaluate: {msg.error.reason}")
@@ -301,7 +303,9 @@ class LotaFedAvg(FedAvg):
         for msg in valid:
             node = msg.metadata.src_node_id
             try:
-                report = eval_report(_record(msg, METRICS), num_clients=self.num_clients, max_items=self.cfg.n_test)
+                report = EvalReport.from_metrics(
+                    metrics_of(msg), num_clients=self.num_clients, max_items=self.cfg.n_test
+                )
                 mine = self.aggregator.partition_of(str(node))
                 if mine is not None and mine != report.partition:
                     raise ReportError(f"reports partition {report.partition}, but it is partition {mine}")
@@ -313,14 +317,14 @@ class LotaFedAvg(FedAvg):
                     )
                 if report.partition in scored:
                     raise ReportError(f"partition {report.partition} was already scored this round")
-                self._check_tasks(report.partition, report.metrics, ("score.", "n."), merges=True)
+                self._check_tasks(report.partition, report.test_items, merges=report.scores)
             except Exception as e:  # untrusted input: whatever breaks, only this reply is refused
                 reason = f"client {node}: malformed evaluate reply: {_why(e)}"
                 log(WARNING, "round %d: rejected evaluation: %s", server_round, reason)
                 self.book.reject(node, reason)
                 continue
             scored.add(report.partition)
-            self.book.evaluated(node, report.metrics)
+            self.book.evaluated(node, report)
         self._log_clients("evaluate")
         now = time.perf_counter()
         row = self.book.end_round(

@@ -14,8 +14,8 @@ from clients.app import gpu_share
 from fl_lota import codec, device, fedclient
 from fl_lota.fedclient import LocalNode
 from fl_lota.precheck import PrecheckError, check_run
+from fl_lota.protocol import EvalReport, TrainReport
 from fl_lota.report import write_run_report
-from fl_lota.reports import eval_report, train_report
 from fl_lota.runconfig import RunConfig, RunConfigError
 from fl_lota.task_vector import SparseTaskVector
 
@@ -166,18 +166,18 @@ def test_base_weights_load_once_per_process_across_clients_and_rounds(monkeypatc
 def test_cpu_reports_carry_no_gpu_figures():
     node = LocalNode(RunConfig(**TINY), 0)
     assert "gpu-peak-bytes" not in node.train(EMPTY).metrics
-    assert "gpu-peak-bytes" not in node.evaluate({"mask_aware": EMPTY})
+    assert "gpu-peak-bytes" not in node.evaluate({"mask_aware": EMPTY}).to_metrics()
 
 
 def test_gpu_peak_is_a_checked_report_field_and_reaches_the_summary(tmp_path):
-    base = {"num-examples": 16.0, "payload-bytes": 10.0, "nnz": 1.0, "numel": 4.0, "partition-id": 0.0}
-    assert (
-        train_report(base | {"gpu-peak-bytes": 2.0**31}, num_clients=2, max_examples=16).metrics["gpu-peak-bytes"]
-        == 2.0**31
-    )
+    base = LocalNode(RunConfig(**TINY), 0).train(EMPTY).metrics  # a whole report, off a GPU
+    assert TrainReport.from_metrics(
+        base | {"gpu-peak-bytes": 2.0**31}, num_clients=2, max_examples=10**6
+    ).gpu_peak_bytes == (2**31)
     with pytest.raises(ValueError, match="gpu-peak-bytes"):
-        train_report(base | {"gpu-peak-bytes": -1.0}, num_clients=2, max_examples=16)
-    assert eval_report({"partition-id": 0.0, "gpu-peak-bytes": 5.0}, num_clients=2).metrics["gpu-peak-bytes"] == 5.0
+        TrainReport.from_metrics(base | {"gpu-peak-bytes": -1.0}, num_clients=2, max_examples=10**6)
+    ev = {"partition-id": 0.0, "num-examples": 4.0, "eval-seconds": 1.0, "gpu-peak-bytes": 5.0}
+    assert EvalReport.from_metrics(ev, num_clients=2).gpu_peak_bytes == 5
     row = {"round": 1, "method": "lota", "merge": "mask_aware", "scores": {}}
     cpu = dict(row, clients=[{"client": "math", "partition": 0, "gpu_peak_bytes": None}])
     write_run_report(tmp_path / "cpu", [cpu])

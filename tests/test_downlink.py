@@ -20,6 +20,7 @@ from fl_lota.downlink import (
     receive,
     to_keep,
 )
+from fl_lota.protocol import GlobalRef, ProtocolError
 from fl_lota.task_vector import SparseTaskVector, SparseTensor
 
 SHAPES = {"a": (40, 50), "b": (300,), "c": (8, 8)}
@@ -127,10 +128,10 @@ class _Client:
         held = self.g if self.kept is None else held_from(*self.kept)
         if self.kept is not None:
             assert digest(held) == self.d  # what it kept is what it held
-        self.g, d = receive(held, self.d, sent.payload, sent.config())
+        self.g, d = receive(held, self.d, sent.payload, sent.ref)
         if d != self.d:
             layout = None if self.kept is None else self.kept[0]
-            self.kept = to_keep(layout, self.g, sent.payload, sent.config(), self.values)
+            self.kept = to_keep(layout, self.g, sent.payload, sent.ref, self.values)
         self.d = d
 
 
@@ -207,8 +208,8 @@ def test_a_change_from_a_version_the_client_does_not_hold_is_refused():
     bad = type(sent)(codec.encode(tampered, values="float32"), sent.base, sent.digest)
     with pytest.raises(DownlinkError, match="does not match"):
         a.take(bad)
-    with pytest.raises(DownlinkError, match="g-base"):
-        receive(None, None, sent.payload, {})
+    with pytest.raises(ProtocolError, match="g-base"):
+        receive(None, None, sent.payload, GlobalRef.from_config({}))
 
 
 def test_a_change_on_the_same_support_goes_as_values_alone():
@@ -240,7 +241,7 @@ def test_a_change_on_the_same_support_goes_as_values_alone():
     with pytest.raises(DownlinkError):
         other.take(sent)
     with pytest.raises(DownlinkError, match="g-mode"):
-        receive(None, None, sent.payload, sent.config() | {"g-base": "nothing"})
+        receive(None, None, sent.payload, GlobalRef.from_config(sent.ref.to_config() | {"g-base": "nothing"}))
 
 
 def test_a_node_whose_reply_never_came_is_sent_the_whole_update():

@@ -34,7 +34,7 @@ def results(tmp_path_factory):
     ups = []
     for pid in (0, 1):
         r = LocalNode(cfg, pid).train(agg.global_payload)
-        ups.append(Upload(str(pid + 10), r.payload, r.metrics["num-examples"], r.metrics, pid))
+        ups.append(Upload(str(pid + 10), r.payload, r.metrics["num-examples"], r.report, pid))
     assert agg.aggregate(ups).accepted == ["10", "11"]
     agg.global_tv.save(out / "global_update.safetensors")
     codec.decode(agg.candidates["ties"]).save(out / "global_update@ties.safetensors")

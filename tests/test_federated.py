@@ -253,13 +253,27 @@ def test_lowrank_expand_checks_its_factors():
     assert "client 9" in r.rejected["9"] and "do not multiply" in r.rejected["9"]
 
 
-def test_evaluate_scores_each_candidate():
+def test_evaluate_scores_each_candidate(monkeypatch):
+    """Each candidate is scored as base + its own G: a stand-in metric reads one weight of
+    the model it is given, and three candidates set that weight apart."""
+    from fl_lota import fedclient
+
     cfg = RunConfig(**TINY)
     node = LocalNode(cfg, 1)
-    empty = codec.encode(SparseTaskVector())
-    m = node.evaluate({"mask_aware": empty, "ties": empty})
-    assert {"score.classify@mask_aware", "score.classify@ties", "n.classify"} <= set(m)
-    assert m["score.classify@mask_aware"] == m["score.classify@ties"]  # same model, same score
+    model, _, base = fedclient.load_base(cfg.model, node.device)
+    name = next(n for n, p in model.named_parameters() if p.ndim == 2)
+    w0 = float(base[name].flatten()[3])
+    monkeypatch.setattr(fedclient, "evaluate", lambda m, *a, **k: {"score": float(m.get_parameter(name).flatten()[3])})
+    shape = tuple(base[name].shape)
+
+    def moved(by: float) -> bytes:
+        delta = torch.zeros(shape).flatten().index_fill(0, torch.tensor([3]), by).view(shape)
+        return codec.encode(SparseTaskVector.from_dense({name: delta}, {name: delta != 0}), values="float32")
+
+    report = node.evaluate({"mask_aware": moved(0.25), "ties": moved(0.5), "fedavg": codec.encode(SparseTaskVector())})
+    got = {merge: scores["classify"] for merge, scores in report.scores.items()}
+    assert got == pytest.approx({"mask_aware": w0 + 0.25, "ties": w0 + 0.5, "fedavg": w0})
+    assert report.test_items == {"classify": len(node.data.tasks[0].test)} and report.partition == 1
 
 
 def test_partition_outside_the_federation_is_an_error():

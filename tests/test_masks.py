@@ -96,7 +96,16 @@ def test_random_mask_is_seeded_and_exact():
 def test_selector_registry():
     assert set(MASK_SELECTORS) == {"magnitude", "random"}
     d = _delta()
-    assert density(extract_mask(d, 0.75, selector="random")) == pytest.approx(0.25, abs=1e-3)
+    rnd = extract_mask(d, 0.75, selector="random", seed=7)
+    assert density(rnd) == pytest.approx(0.25, abs=1e-3)
+    # the selector is what chooses: the random one is the seeded draw, not the top-|delta| entries
+    want = random_mask({n: x.shape for n, x in d.items()}, 0.75, seed=7)
+    assert all(torch.equal(rnd[n], want[n]) for n in d)
+    top = extract_mask(d, 0.75, selector="magnitude")
+    assert not all(torch.equal(rnd[n], top[n]) for n in d)
+    kept = torch.cat([d[n][top[n]].abs() for n in d])
+    dropped = torch.cat([d[n][~top[n]].abs() for n in d])
+    assert kept.min() >= dropped.max()
     with pytest.raises(ValueError, match="unknown mask selector 'topk'"):
         extract_mask(d, 0.9, selector="topk")
 

@@ -16,12 +16,13 @@ pytest.importorskip("flwr")
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from test_federated import sparse_tv
 
-from clients.wire import PAYLOAD, content_bytes, fltv_array, payloads
 from fl_lota import codec
+from fl_lota.protocol import TrainReport
 from fl_lota.runconfig import RunConfig
 from fl_lota.task_vector import SparseTaskVector
 from server.book import RoundBook
 from server.strategy import LotaFedAvg
+from wire import PAYLOAD, content_bytes, fltv_array, payloads
 
 
 @dataclass
@@ -74,22 +75,48 @@ def _table_nnz(payload: bytes) -> int:
     return total
 
 
-def train_reply(node: int, payload: bytes, partition: int, **metrics) -> Reply:
-    m = {
-        "num-examples": 16.0,
-        "partition-id": float(partition),
-        "payload-bytes": float(len(payload)),
-        "nnz": float(table_nnz(payload)),
-        "numel": 100.0,
-        "values-only": float(payload[5:6] == b"\x01"),  # the header's mode byte
-    } | metrics
+def train_reply(node: int, payload: bytes, partition: int, rnd: int = 1, **metrics) -> Reply:
+    """A well-formed training reply of round ``rnd`` (what an honest client reports of
+    ``payload``, 20 steps x batch 8 from where the round begins), with ``metrics`` changed."""
+    per_round = RunConfig().examples_per_round
+    honest = TrainReport(
+        partition=partition,
+        num_examples=16,
+        load_seconds=0.5,
+        train_seconds=2.0,
+        codec_seconds=0.25,
+        loss_first=1.5,
+        loss_last=0.75,
+        steps=20,
+        fb_passes=20,
+        train_examples=per_round,
+        distinct_examples=16,
+        stream_start=(rnd - 1) * per_round,
+        stream_end=rnd * per_round,
+        trained_params=100,
+        nnz=table_nnz(payload),
+        numel=100,
+        payload_bytes=len(payload),
+        values_only=payload[5:6] == b"\x01",  # the header's mode byte
+        index_entropy_bytes=0.0,
+    )
+    m = honest.to_metrics() | metrics
     return Reply(node, RecordDict({"arrays": ArrayRecord({PAYLOAD: fltv_array(payload)}), "metrics": MetricRecord(m)}))
 
 
+def eval_metrics(partition: float, **scores) -> dict[str, float]:
+    """A well-formed evaluation report of ``partition`` holding ``scores``."""
+    return {"partition-id": partition, "num-examples": 4.0, "eval-seconds": 1.0} | scores
+
+
+MODEL = {"a": (8, 16), "b": (32,)}  # the parameters the mock clients train (sparse_tv's)
+
+
 def make(tmp_path, **kw):
+    """A strategy that checks uploads against the model's shapes, as the ServerApp's does."""
     cfg = RunConfig(federation="math,sql,classify", eval_merges="ties", **kw)
     book = RoundBook(cfg, tmp_path)
-    return LotaFedAvg(cfg, book, num_clients=3), book
+    return LotaFedAvg(cfg, book, num_clients=3, shapes=MODEL), book
 
 
 def test_wire_arrays_carry_the_payload_bytes_exactly():
@@ -145,7 +172,7 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
             RecordDict(
                 {
                     "metrics": MetricRecord(
-                        {"score.math@mask_aware": 0.25, "score.math@ties": 0.5, "n.math": 4.0, "partition-id": 0.0}
+                        eval_metrics(0.0, **{"score.math@mask_aware": 0.25, "score.math@ties": 0.5, "n.math": 4.0})
                     )
                 }
             ),
@@ -155,7 +182,7 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
             RecordDict(
                 {
                     "metrics": MetricRecord(
-                        {"score.sql@mask_aware": 0.4, "score.sql@ties": 0.2, "n.sql": 4.0, "partition-id": 1.0}
+                        eval_metrics(1.0, **{"score.sql@mask_aware": 0.4, "score.sql@ties": 0.2, "n.sql": 4.0})
                     )
                 }
             ),
@@ -230,7 +257,7 @@ def test_hostile_metric_values_never_crash_the_server(tmp_path, edits):
     assert book.row["accepted"] + len(book.row["rejected"]) == 2
     assert "11" not in book.row["rejected"]
     evals = [
-        Reply(12, RecordDict({"metrics": MetricRecord({"partition-id": 1.0, "n.sql": 4.0} | {
+        Reply(12, RecordDict({"metrics": MetricRecord(eval_metrics(1.0, **{"n.sql": 4.0}) | {
             k.replace("local-score", "score") + ("@mask_aware" if k.startswith("local-score") else ""): v
             for k, v in edits.items() if k in ("partition-id", "n.math", "local-score.math")
         })}))
@@ -260,9 +287,9 @@ def test_a_node_cannot_take_another_nodes_partition_or_mask(tmp_path):
     strategy.aggregate_train(
         2,
         [
-            train_reply(11, codec.encode(victim_tv, values_only=True), 0),  # still decodes against its own mask
-            train_reply(66, codec.encode(attack_tv, values_only=True), 2),  # no mask of its own
-            train_reply(12, codec.encode(sparse_tv(2), values_only=True), 0),  # a node changing its partition
+            train_reply(11, codec.encode(victim_tv, values_only=True), 0, rnd=2),  # still decodes against its own mask
+            train_reply(66, codec.encode(attack_tv, values_only=True), 2, rnd=2),  # no mask of its own
+            train_reply(12, codec.encode(sparse_tv(2), values_only=True), 0, rnd=2),  # a node changing its partition
         ],
     )
     assert book.row["accepted"] == 1 and "11" not in book.row["rejected"]
@@ -272,7 +299,7 @@ def test_a_node_cannot_take_another_nodes_partition_or_mask(tmp_path):
     # victim's mask takes it over (a resumed run goes on with values-only uploads)
     strategy._online = {"21", "22"}
     book.start_round(3, {21: 1, 22: 1})
-    strategy.aggregate_train(3, [train_reply(21, codec.encode(victim_tv, values_only=True), 0)])
+    strategy.aggregate_train(3, [train_reply(21, codec.encode(victim_tv, values_only=True), 0, rnd=3)])
     assert book.row["accepted"] == 1 and agg.owners[0] == "21" and "11" not in agg.masks
 
 
@@ -283,9 +310,9 @@ def test_an_eval_reply_claiming_another_partition_is_refused(tmp_path):
         1, [train_reply(11, codec.encode(sparse_tv(1)), 0), train_reply(12, codec.encode(sparse_tv(2)), 1)]
     )
     lie = Reply(
-        12, RecordDict({"metrics": MetricRecord({"score.math@mask_aware": 1.0, "n.math": 4.0, "partition-id": 0.0})})
+        12, RecordDict({"metrics": MetricRecord(eval_metrics(0.0, **{"score.math@mask_aware": 1.0, "n.math": 4.0}))})
     )
-    nan = Reply(11, RecordDict({"metrics": MetricRecord({"score.math@mask_aware": 0.5, "partition-id": float("nan")})}))
+    nan = Reply(11, RecordDict({"metrics": MetricRecord(eval_metrics(float("nan"), **{"score.math@mask_aware": 0.5}))}))
     strategy.aggregate_evaluate(1, [lie, nan])
     row = book.rows[-1]
     assert "it is partition 1" in row["rejected"]["12"] and "partition-id" in row["rejected"]["11"]
@@ -324,6 +351,16 @@ def test_stream_positions_must_be_this_rounds(tmp_path):
     assert c["examples_seen"]["stream_start"] == 160 and len(c["examples_seen"]["indices"]) == 160
 
 
+def test_an_upload_that_does_not_fit_the_model_is_refused_by_name(tmp_path):
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1})
+    alien = sparse_tv(2, shapes={"a": (8, 16), "lm_head.evil": (32,)})
+    strategy.aggregate_train(
+        1, [train_reply(11, codec.encode(sparse_tv(1)), 0), train_reply(12, codec.encode(alien), 1)]
+    )
+    assert book.row["accepted"] == 1 and "'lm_head.evil' is not one the receiver accepts" in book.row["rejected"]["12"]
+
+
 def test_records_of_the_wrong_kind_are_refused_not_crashing(tmp_path):
     from flwr.app import ConfigRecord
 
@@ -341,7 +378,7 @@ def test_records_of_the_wrong_kind_are_refused_not_crashing(tmp_path):
 
 
 def _eval(node: int, partition: int, **scores) -> Reply:
-    return Reply(node, RecordDict({"metrics": MetricRecord({"partition-id": float(partition)} | scores)}))
+    return Reply(node, RecordDict({"metrics": MetricRecord(eval_metrics(float(partition), **scores))}))
 
 
 def test_evaluations_count_only_from_a_partitions_owner_for_its_own_tasks(tmp_path):
@@ -386,7 +423,7 @@ def test_an_owner_keeps_or_gets_back_its_partition(tmp_path):
     # node 11 was online in this server's lifetime: offline now, its partition is not up for grabs
     strategy._online = {"12", "99"}
     book.start_round(2, {12: 1, 99: 1})
-    strategy.aggregate_train(2, [train_reply(99, codec.encode(sparse_tv(7)), 0)])
+    strategy.aggregate_train(2, [train_reply(99, codec.encode(sparse_tv(7)), 0, rnd=2)])
     assert "only an upload encoded against that node's registered mask" in book.row["rejected"]["99"]
     assert agg.owners[0] == "11"
     # after a server restart node 11 has not been seen yet, and node 99 is first to claim partition 0
@@ -395,17 +432,17 @@ def test_an_owner_keeps_or_gets_back_its_partition(tmp_path):
     agg2 = again.aggregator
     again._online = {"12", "99"}
     book2.start_round(3, {12: 1, 99: 1})
-    again.aggregate_train(3, [train_reply(99, codec.encode(sparse_tv(7)), 0)])
+    again.aggregate_train(3, [train_reply(99, codec.encode(sparse_tv(7)), 0, rnd=3)])
     assert agg2.owners[0] == "99"
     # node 11 comes back: its partition is its own again. Its values-only upload finds 99's mask,
     # so it is asked for a full upload (register-mask), which takes the partition back
     again._online = {"11", "12", "99"}
     book2.start_round(4, {11: 1})
-    again.aggregate_train(4, [train_reply(11, codec.encode(victim_tv, values_only=True), 0)])
+    again.aggregate_train(4, [train_reply(11, codec.encode(victim_tv, values_only=True), 0, rnd=4)])
     assert "fingerprint" in book2.row["rejected"]["11"] and agg2.needs_mask("11")
     book2.start_round(5, {11: 1, 99: 1})
     again.aggregate_train(
-        5, [train_reply(11, codec.encode(victim_tv), 0), train_reply(99, codec.encode(sparse_tv(7)), 0)]
+        5, [train_reply(11, codec.encode(victim_tv), 0, rnd=5), train_reply(99, codec.encode(sparse_tv(7)), 0, rnd=5)]
     )
     assert agg2.owners[0] == "11" and not agg2.needs_mask("11") and "99" not in agg2.masks
     assert "belongs to node 11" in book2.row["rejected"]["99"]
@@ -417,8 +454,8 @@ def test_an_owner_keeps_or_gets_back_its_partition(tmp_path):
     fresh.aggregate_train(
         3,
         [
-            train_reply(31, codec.encode(sparse_tv(5)), 0),
-            train_reply(32, codec.encode(sparse_tv(2), values_only=True), 1),
+            train_reply(31, codec.encode(sparse_tv(5)), 0, rnd=3),
+            train_reply(32, codec.encode(sparse_tv(2), values_only=True), 1, rnd=3),
         ],
     )
     assert book3.row["accepted"] == 2 and fresh.aggregator.owners == {0: "31", 1: "32"}
@@ -488,12 +525,12 @@ def test_the_log_has_one_line_per_client_and_phase(tmp_path, monkeypatch):
     assert lines == [
         f"round 1 math: train 71.8 s (calibrate 35.2 s, extract 0.5 s, sparse_adapt 36.0 s), loss 2.250 -> 0.500, "
         f"upload {size:.2f} MB (indices + values), GPU peak 3.00 GiB",
-        f"round 1 sql: train 12.0 s (train 12.0 s), upload {len(codec.encode(sparse_tv(2))) / 1e6:.2f} MB "
-        "(indices + values)",
-        "round 1 classify: train 3.0 s, loss 1.000 -> ?, upload refused (reason above)",
+        f"round 1 sql: train 12.0 s (train 12.0 s), loss 1.500 -> 0.750, upload "
+        f"{len(codec.encode(sparse_tv(2))) / 1e6:.2f} MB (indices + values)",
+        "round 1 classify: train 3.0 s, loss 1.000 -> 0.750, upload refused (reason above)",
     ]
     lines.clear()
-    m = {"score.math@mask_aware": 0.25, "score.math@ties": 0.5, "n.math": 4.0, "partition-id": 0.0}
+    m = eval_metrics(0.0, **{"score.math@mask_aware": 0.25, "score.math@ties": 0.5, "n.math": 4.0})
     book.eval_sent({11: 1})
     strategy.aggregate_evaluate(1, [Reply(11, RecordDict({"metrics": MetricRecord(m | {"eval-seconds": 40.0})}))])
     assert lines[0] == "round 1 math: evaluate 40.0 s, math=0.250"
@@ -511,7 +548,7 @@ def test_the_results_folder_keeps_every_scored_merge_and_each_clients_last_updat
     # round 2: sql uploads values only, math is absent; the server holds no upload in memory after
     book.start_round(2, {12: 1})
     v2 = t2.with_values({n: t.values * 3 for n, t in t2.items()})
-    strategy.aggregate_train(2, [train_reply(12, codec.encode(v2, values_only=True), 1)])
+    strategy.aggregate_train(2, [train_reply(12, codec.encode(v2, values_only=True), 1, rnd=2)])
     assert set(agg.last) == {"12"}  # this round's only
     (tmp_path / "global_update@fedavg.safetensors").write_bytes(b"from an earlier run of this folder")
     assert updates.finish(tmp_path, agg, strategy.cfg) == []

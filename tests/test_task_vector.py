@@ -41,7 +41,7 @@ def test_apply_to_adds_scaled_delta_in_place():
 
 def test_apply_to_rejects_unknown_tensor_and_shape():
     tv = SparseTaskVector({"x": SparseTensor((2, 2), None, torch.ones(4))})
-    with pytest.raises(KeyError, match="'x' not found"):
+    with pytest.raises(ValueError, match="'x' not found"):
         tv.apply_to({"y": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="shape"):
         tv.apply_to({"x": torch.zeros(3)})
@@ -52,7 +52,7 @@ def test_invalid_construction_is_rejected():
         SparseTensor((4,), torch.tensor([0, 1]), torch.ones(3))
     with pytest.raises(ValueError, match="dense values"):
         SparseTensor((4,), None, torch.ones(3))
-    with pytest.raises(KeyError, match="lacks"):
+    with pytest.raises(ValueError, match="lacks"):
         SparseTaskVector.from_dense({"a": torch.zeros(2)}, {"b": torch.ones(2, dtype=torch.bool)})
 
 

@@ -10,7 +10,7 @@ from conftest import PAD, constant_task, mean_loss, reverse_task
 from fl_lota import FINETUNE_METHODS, TrainConfig, finetune
 from fl_lota.data import batch_iterator, collate, stream_order
 from fl_lota.lota import calibrate, scope_params
-from fl_lota.masks import density, overlap
+from fl_lota.masks import density, overlap, random_mask
 from fl_lota.models import ModelNotFoundError, load_model
 from fl_lota.optim import MaskedAdamW, MaskedRMSprop, clip_per_tensor_
 
@@ -130,8 +130,15 @@ def test_iterative_calibration_reaches_high_sparsity(tiny, toy):
 
 
 def test_random_mask_baseline(tiny, toy):
+    base = snapshot(tiny)
     res = finetune("lota", tiny, toy, TrainConfig(steps=2, lr=1e-3), pad_id=PAD, selector="random", seed=5)
     assert density(res.mask) == pytest.approx(0.1, abs=1e-4)
+    # the mask is the seeded random draw over the trained scope, not the calibration's top entries
+    want = random_mask({n: m.shape for n, m in res.mask.items()}, 0.9, seed=5)
+    assert all(torch.equal(res.mask[n], want[n]) for n in res.mask)
+    tiny.load_state_dict(base)
+    top = finetune("lota", tiny, toy, TrainConfig(steps=2, lr=1e-3), pad_id=PAD, seed=5).mask
+    assert not all(torch.equal(res.mask[n], top[n]) for n in res.mask)
 
 
 def test_lora_delta_is_the_merged_change(tiny, toy):
