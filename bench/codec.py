@@ -13,7 +13,7 @@ import argparse
 import time
 
 from common import random_sparse, smollm2_shapes
-from fl_lota import codec
+from fl_lota.vectors import codec
 
 
 def timed(fn, repeat):

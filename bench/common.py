@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from fl_lota.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 # SmolLM2-135M: hidden 576, MLP 1536, 9 query / 3 key-value heads of 64, 30 layers, vocab 49152
 SMOLLM2 = dict(

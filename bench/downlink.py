@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 from fl_lota.cli import main as cli_main
-from fl_lota.report import read_rows
+from fl_lota.federated.report import read_rows
 
 MB = 1e6
 SHORT = ["num-server-rounds=3", "local-steps=3", "calibration-steps=2", "n-test=8", "eval-base=false"]

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from fl_lota.cli import main as cli_main
-from fl_lota.compare.table import mean_std
+from fl_lota.compare.stats import mean_std
 
 MB = 1e6
 

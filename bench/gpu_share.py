@@ -98,7 +98,7 @@ class GpuSampler:
 
 
 def federation(args) -> None:
-    from fl_lota.launch import launch
+    from fl_lota.federated.launch import launch
 
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu-share-")).absolute()  # results-dir must be absolute
     results = {}
@@ -186,9 +186,9 @@ def _model(args):
 def _steps(args, kind: str, steps: int, model=None) -> dict:
     """Train ``steps`` optimizer steps of ``kind`` (lota: 10% random mask; fft: the whole
     scope) on random tokens; the step times after the first and the peak GPU memory."""
-    from fl_lota.lota import scope_params
-    from fl_lota.masks import random_mask
-    from fl_lota.train import TrainConfig, train
+    from fl_lota.training.lota import scope_params
+    from fl_lota.training.masks import random_mask
+    from fl_lota.training.train import TrainConfig, train
 
     model = model or _model(args)
     vocab = model.config.vocab_size

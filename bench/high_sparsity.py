@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from fl_lota import codec
 from fl_lota.cli import parse_sets
-from fl_lota.fedclient import LocalNode, load_base
-from fl_lota.lota import scope_params
-from fl_lota.runconfig import RunConfig
-from fl_lota.task_vector import SparseTaskVector
+from fl_lota.federated.node import LocalNode, load_base
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.training.lota import scope_params
+from fl_lota.vectors import codec
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 SETTINGS = {
     "90% bf16 (default)": {},

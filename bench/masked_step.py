@@ -22,12 +22,12 @@ import time
 
 import torch
 
-import fl_lota.train as train_mod
+import fl_lota.training.train as train_mod
 from common import SMOLLM2
-from fl_lota.lota import scope_params
-from fl_lota.masks import random_mask
-from fl_lota.optim import build_optimizer, clip_per_tensor_
-from fl_lota.train import TrainConfig, train
+from fl_lota.training.lota import scope_params
+from fl_lota.training.masks import random_mask
+from fl_lota.training.optim import build_optimizer, clip_per_tensor_
+from fl_lota.training.train import TrainConfig, train
 
 STOCK = {
     "rmsprop": lambda ps, lr: torch.optim.RMSprop(ps, lr=lr, alpha=0.99, eps=1e-8, foreach=True),

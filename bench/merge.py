@@ -13,7 +13,7 @@ import argparse
 import time
 
 from common import peak_rss_mb, random_sparse, reset_peak_rss, rss_mb, smollm2_shapes
-from fl_lota.merge import MERGE_METHODS, merge
+from fl_lota.merging.merge import MERGE_METHODS, merge
 
 
 def main() -> None:

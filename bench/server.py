@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from common import peak_rss_mb, random_sparse, reset_peak_rss, rss_mb, smollm2_shapes
-from fl_lota import codec
-from fl_lota.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fl_lota.fedserver import Aggregator, Upload
-from fl_lota.runconfig import RunConfig
+from fl_lota.federated.aggregator import Aggregator, Upload
+from fl_lota.federated.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.vectors import codec
 
 SCOPE = {n: s for n, s in smollm2_shapes(with_embeddings=False).items() if len(s) == 2}
 

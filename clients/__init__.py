@@ -1,1 +1,1 @@
-"""fl-lota's Flower ClientApp (a thin wrapper over ``fl_lota.fedclient``)."""
+"""fl-lota's Flower ClientApp (a thin wrapper over ``fl_lota.federated.node``)."""

@@ -1,10 +1,10 @@
-"""The ClientApp: one federated client, one task (``fl_lota.fedclient`` does the work).
+"""The ClientApp: one federated client, one task (``fl_lota.federated.node`` does the work).
 
 Its partition comes from the node config (``partition-id``: set by the simulation engine,
 or by ``flower-supernode --node-config "partition-id=0 num-partitions=4"``); its task and
 every setting from the run config. The node state keeps, between rounds, the LoTA mask and
 the global update ``G`` this node holds: messages carry only the change of ``G`` since then
-(``fl_lota.downlink``), and a node that cannot rebuild the ``G`` the server names fails its
+(``fl_lota.federated.downlink``), and a node that cannot rebuild the ``G`` the server names fails its
 round with a named error (the server then sends it the whole of ``G``).
 """
 
@@ -13,19 +13,19 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_lota.console import quiet_libraries
-from fl_lota.downlink import held_from, receive, to_keep
-from fl_lota.fedclient import LocalNode
-from fl_lota.protocol import EvalInstruction, GlobalRef, TrainInstruction
-from fl_lota.runconfig import RunConfig
-from fl_lota.task_vector import SparseTaskVector
+from fl_lota.federated.console import quiet_libraries
+from fl_lota.federated.downlink import held_from, receive, to_keep
+from fl_lota.federated.node import LocalNode
+from fl_lota.federated.protocol import EvalInstruction, GlobalRef, TrainInstruction
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.vectors.task_vector import SparseTaskVector
 from wire import ARRAYS, METRICS, PAYLOAD, config_of, payload_record, payloads, record
 
 app = ClientApp()
 
 _NODES: dict[tuple[RunConfig, int], LocalNode] = {}
 # node state, kept between rounds: the LoTA mask (the payload that registered it), and the
-# G this node holds as the payloads it came in (fl_lota.downlink.to_keep) with its digest
+# G this node holds as the payloads it came in (fl_lota.federated.downlink.to_keep) with its digest
 MASK, HELD, HELD_VALUES, HELD_DIGEST = "fl-lota", "fl-lota-g", "fl-lota-g-values", "fl-lota-g-digest"
 _DECODED: dict[str, SparseTaskVector] = {}  # digest -> the held G decoded (the last one, per process)
 

@@ -1,24 +1,24 @@
 """fl-lota: Lottery Ticket Adaptation (LoTA) for federated multi-task fine-tuning.
 
-Pure PyTorch; never imports flwr. Modules, one job each:
-masks (scope, extraction, LoTTO), task_vector (SparseTaskVector), codec (FLTV wire
-format), merge (mask_aware, ties, task_arithmetic, fedavg), optim (masked optimizers),
-train (shared loop), lota (the three phases), lora (peft baseline), lowrank (LoRA factors
-on the wire), methods (registry), models (loading), data (example streams and batches),
-prompting (chat formatting), tasks/ (task suite, metrics, custom task specs), evaluate
-(generation and scoring), partition (federation strings, client data), runconfig (the run
-config), fedclient / fedserver (a round without Flower), checkpoint (server state on disk),
-isolated (single-task runs: references and tuning), compare/ (the comparison protocol and
-its table), report (one run's summary), launch (driving ``flwr run``), cli (``fl-lota``),
-tune (the single-task command).
+Pure PyTorch; never imports flwr. Grouped by layer, each importing only the layers before
+it (a test checks this):
+
+    vectors/    sparse task vectors and the FLTV wire format
+    training/   example streams, masks, masked optimizers, the shared loop, LoTA, LoRA
+    merging/    mask_aware, ties, task_arithmetic, fedavg from three tensor functions
+    tasks/      the task suite, prompting, evaluation, federation partitions
+    federated/  the round without Flower: protocol, run config, node, aggregator, downlink,
+                checkpoint, report, driving ``flwr run``
+    compare/    the comparison protocol: single-task runs, plan, runner, tables
+    cli, tune   the ``fl-lota`` command and its single-task ``tune``
 """
 
-from .codec import CodecError, decode, encode
-from .masks import extract_mask, overlap
-from .merge import merge
-from .methods import FINETUNE_METHODS, FinetuneResult, finetune
-from .task_vector import SparseTaskVector, SparseTensor
-from .train import TrainConfig
+from fl_lota.merging.merge import merge
+from fl_lota.training.masks import extract_mask, overlap
+from fl_lota.training.methods import FINETUNE_METHODS, FinetuneResult, finetune
+from fl_lota.training.train import TrainConfig
+from fl_lota.vectors.codec import CodecError, decode, encode
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 __version__ = "0.1.0"
 

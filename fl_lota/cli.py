@@ -18,11 +18,11 @@ import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .compare import DEFAULT_GRID, DEFAULT_TUNE, RESERVED, ComparePlan, TuneSpec, effective_config, parse_grid
-from .launch import RunFailed, launch
-from .partition import FederationSpec
-from .precheck import check_run
-from .runconfig import KEYS, RunConfig, RunConfigError
+from fl_lota.compare import DEFAULT_GRID, DEFAULT_TUNE, RESERVED, ComparePlan, TuneSpec, effective_config, parse_grid
+from fl_lota.federated.launch import RunFailed, launch
+from fl_lota.federated.precheck import check_run
+from fl_lota.federated.runconfig import KEYS, RunConfig, RunConfigError
+from fl_lota.tasks.partition import FederationSpec
 
 __all__ = ["main", "parse_grid", "parse_sets"]
 
@@ -130,7 +130,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
+    from fl_lota.compare import run_compare
 
     app = Path(args.app)
     grid = parse_grid(args.grid)
@@ -171,7 +171,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_client_updates, export_model
+    from fl_lota.federated.export import export_client_updates, export_model
 
     out = export_model(args.results, args.out, merge=args.merge)
     print(f"fl-lota: model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
@@ -184,7 +184,7 @@ def cmd_export(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "tune":
-        from .tune import main as tune_main
+        from fl_lota.tune import main as tune_main
 
         tune_main(argv[1:])
         return 0

@@ -15,14 +15,14 @@ import sys
 import time
 from dataclasses import asdict
 
-from . import codec
-from .device import resolve
-from .evaluate import evaluate
-from .methods import FINETUNE_METHODS, finetune
-from .models import DEFAULT_MODEL, load
-from .prompting import to_examples
-from .tasks import TASKS, get_task
-from .train import TrainConfig
+from fl_lota.tasks import TASKS, get_task
+from fl_lota.tasks.evaluate import evaluate
+from fl_lota.tasks.prompting import to_examples
+from fl_lota.training.device import resolve
+from fl_lota.training.methods import FINETUNE_METHODS, finetune
+from fl_lota.training.models import DEFAULT_MODEL, load
+from fl_lota.training.train import TrainConfig
+from fl_lota.vectors import codec
 
 __all__ = ["build_parser", "main", "run"]
 

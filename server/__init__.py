@@ -1,1 +1,1 @@
-"""fl-lota's Flower ServerApp and strategy (thin wrappers over ``fl_lota.fedserver``)."""
+"""fl-lota's Flower ServerApp and strategy (thin wrappers over ``fl_lota.federated.aggregator``)."""

@@ -8,7 +8,7 @@
 <results-dir>/global_update@<merge>.safetensors   each further merge scored in the last round
 <results-dir>/client_updates/p<N>-<client>.safetensors   each client's last accepted update
 
-(``fl_lota.export`` documents the formats; ``fl-lota export`` makes a Hugging Face model.)
+(``fl_lota.federated.export`` documents the formats; ``fl-lota export`` makes a Hugging Face model.)
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fl_lota import reaper, report
-from fl_lota.checkpoint import load_checkpoint
-from fl_lota.models import param_shapes
-from fl_lota.precheck import check_run
-from fl_lota.runconfig import RunConfig
+from fl_lota.federated import reaper, report
+from fl_lota.federated.checkpoint import load_checkpoint
+from fl_lota.federated.precheck import check_run
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.training.models import param_shapes
 
 from . import updates
 from .book import RoundBook

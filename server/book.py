@@ -10,7 +10,7 @@ sent as dense float32) and ``index_entropy_bytes`` (the masks' entropy bound).
 Per client (``clients``, one entry per training reply): the bytes of its reply and of the
 training instruction it received, its payload, the forward/backward passes it spent and the
 examples it trained on (``examples_seen``: the stream positions it reported and the example
-indices they stand for, in order: ``fl_lota.data.stream_order`` of its seeded stream).
+indices they stand for, in order: ``fl_lota.training.data.stream_order`` of its seeded stream).
 ``eval_clients``: per client, the bytes of the evaluation instruction it received.
 
 Scores: ``scores[merge][task]`` from federated evaluation on the clients' test splits.
@@ -29,11 +29,11 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from fl_lota.data import client_stream_seed, stream_order
-from fl_lota.fedserver import RoundMerge
-from fl_lota.protocol import EvalReport, TrainReport
-from fl_lota.runconfig import RunConfig
+from fl_lota.federated.aggregator import RoundMerge
+from fl_lota.federated.protocol import EvalReport, TrainReport
+from fl_lota.federated.runconfig import RunConfig
 from fl_lota.tasks import task_label
+from fl_lota.training.data import client_stream_seed, stream_order
 
 __all__ = ["RoundBook"]
 
@@ -159,7 +159,7 @@ class RoundBook:
             "replied": len(cs),
             "accepted": len(good),
             "partial": len(good) < self.row["sampled"],
-            "global_updated": len(good) >= max(1, self.cfg.min_replies) and not result.merge_error,
+            "global_updated": result.updated,
             "merge_error": result.merge_error,
             "uplink_bytes": sum(c["message_bytes"] for c in cs),
             "uplink_array_bytes": sum(c["array_bytes"] for c in cs),

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fl_lota.launch import RunFailed, executable, free_port, run_status, toml_overrides
+from fl_lota.federated.launch import RunFailed, executable, free_port, run_status, toml_overrides
 
 __all__ = ["Federation", "probe_superlink", "write_creds"]
 

@@ -2,10 +2,10 @@
 
 Flower samples the nodes (FedAvg's ``configure_train`` / ``configure_evaluate``); the rest
 differs: each message gets its own content built from the round protocol
-(``fl_lota.protocol``, in Flower records by ``wire``) with the global update as the change
-since the version its node holds (``fl_lota.downlink``: the whole update to a node that
+(``fl_lota.federated.protocol``, in Flower records by ``wire``) with the global update as the change
+since the version its node holds (``fl_lota.federated.downlink``: the whole update to a node that
 holds none); replies are parsed and checked one by one and their FLTV payloads decoded and
-merged by ``fl_lota.fedserver.Aggregator``; each round's bytes, as counted on the actual
+merged by ``fl_lota.federated.aggregator.Aggregator``; each round's bytes, as counted on the actual
 messages (``count_bytes()``), and scores go to a ``RoundBook`` that writes
 ``metrics.jsonl``. ``run`` drives the rounds itself (Flower's ``Strategy.start`` always
 begins at round 1 and has no hook to checkpoint a round) so that a run can resume.
@@ -25,11 +25,18 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fl_lota.checkpoint import Checkpoint, save_checkpoint
-from fl_lota.downlink import Downlink
-from fl_lota.fedserver import Aggregator, Upload
-from fl_lota.protocol import EvalInstruction, EvalReport, GlobalRef, ReportError, TrainInstruction, TrainReport
-from fl_lota.runconfig import RESUME_MAY_CHANGE, RunConfig
+from fl_lota.federated.aggregator import Aggregator, Upload
+from fl_lota.federated.checkpoint import Checkpoint, save_checkpoint
+from fl_lota.federated.downlink import Downlink
+from fl_lota.federated.protocol import (
+    EvalInstruction,
+    EvalReport,
+    GlobalRef,
+    ReportError,
+    TrainInstruction,
+    TrainReport,
+)
+from fl_lota.federated.runconfig import RESUME_MAY_CHANGE, RunConfig
 from wire import ARRAYS, CONFIG, content_bytes, metrics_of, payload_record, payloads, record
 
 from . import updates
@@ -216,7 +223,7 @@ class LotaFedAvg(FedAvg):
             self.book.reject(int(client), reason)
         self.book.merged(result, train_wall=t_recv - self._t.get("train-sent", t_recv))
         self._log_clients("train")
-        if len(result.accepted) < max(1, self.cfg.min_replies):
+        if result.too_few:
             log(
                 WARNING,
                 "round %d: %d usable upload(s), fewer than min-replies=%d; the global model is unchanged",

@@ -6,7 +6,7 @@ atomically) to ``client_updates/.p<N>-<task>.fltv``; a full upload (one that car
 mask) also to ``.p<N>-<task>.mask.fltv``. The server keeps none of them in memory, and a
 resumed run finds them. At the end ``finish`` decodes each client's last payload (a
 values-only one against its last full upload) into ``client_updates/p<N>-<task>.safetensors``
-(``fl_lota.export`` documents the format). The payloads stay (hidden, about one upload and
+(``fl_lota.federated.export`` documents the format). The payloads stay (hidden, about one upload and
 one mask per client): a run resumed for more rounds decodes its later values-only uploads
 against them.
 """
@@ -17,10 +17,10 @@ import os
 import re
 from pathlib import Path
 
-from fl_lota import codec
-from fl_lota.export import CLIENT_UPDATES
-from fl_lota.fedserver import Aggregator
-from fl_lota.runconfig import RunConfig
+from fl_lota.federated.aggregator import Aggregator
+from fl_lota.federated.export import CLIENT_UPDATES
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.vectors import codec
 
 from .book import RoundBook
 

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from fl_lota.data import Example
-from fl_lota.models import load_model
+from fl_lota.training.data import Example
+from fl_lota.training.models import load_model
 
 PAD, BOS, SEP = 0, 1, 2
 
@@ -41,7 +41,7 @@ def toy():
 
 @torch.no_grad()
 def mean_loss(model, examples, pad_id: int = PAD) -> float:
-    from fl_lota.data import collate
+    from fl_lota.training.data import collate
 
     batch = collate(examples, pad_id)
     model.eval()

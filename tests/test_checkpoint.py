@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_federated import sparse_tv
 
-from fl_lota.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from fl_lota.federated.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 
 
 def ckpt(rnd: int) -> Checkpoint:

@@ -10,10 +10,10 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_lota import codec
-from fl_lota.codec import HEADER, CodecError, decode, encode, peek
-from fl_lota.masks import magnitude_mask
-from fl_lota.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.training.masks import magnitude_mask
+from fl_lota.vectors import codec, fltv
+from fl_lota.vectors.codec import HEADER, CodecError, decode, encode, peek
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 
 def make_tv(seed=0, sparsity=0.9):
@@ -30,7 +30,7 @@ def resign(data: bytes | bytearray) -> bytes:
     data = bytearray(data)
     body = bytes(data[HEADER.size :])
     data[16:24] = struct.pack("<Q", len(body))
-    data[24:40] = codec._checksum(bytes(data[:24]), body)
+    data[24:40] = fltv.body_checksum(bytes(data[:24]), body)
     return bytes(data)
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from fl_lota import codec
 from fl_lota.compare import ComparePlan, Comparison, TuneSpec, parse_grid, write_comparison
-from fl_lota.compare.table import mean_std, normalized, summarize
-from fl_lota.data import stream_order
-from fl_lota.fedclient import LocalNode
-from fl_lota.isolated import isolated_run, validation_task
-from fl_lota.runconfig import RunConfigError
+from fl_lota.compare.isolated import isolated_run, validation_task
+from fl_lota.compare.stats import mean_std, normalized, summarize
+from fl_lota.federated.node import LocalNode
+from fl_lota.federated.runconfig import RunConfigError
 from fl_lota.tasks import get_task
+from fl_lota.training.data import stream_order
+from fl_lota.vectors import codec
 
 TINY = {
     "model": "tiny",
@@ -94,7 +94,7 @@ def test_single_task_reference_is_the_clients_own_stream_trained_alone():
 
 
 def _empty():
-    from fl_lota.task_vector import SparseTaskVector
+    from fl_lota.vectors.task_vector import SparseTaskVector
 
     return SparseTaskVector()
 
@@ -121,7 +121,7 @@ def test_tuning_picks_the_best_validation_mean_and_stores_every_unit(tmp_path, m
         assert all(t.test is not t.train for t in tasks)
         return {"m": {t.name: cfg.ties_k for t in tasks}}  # higher k scores higher
 
-    monkeypatch.setattr(runner, "_isolated_unit", fake_unit)
+    monkeypatch.setattr(runner, "isolated_unit", fake_unit)
     monkeypatch.setattr(runner, "score_merge", fake_merge)
     spec = TuneSpec.parse("lota.sparse-lr=1e-4,1e-3 ties.ties-k=0.1,0.3")
     plan = ComparePlan(app=None, base=dict(TINY), grid=[("lota", ["mask_aware", "ties"])], seeds=[0], tune=spec)
@@ -163,8 +163,8 @@ def test_a_tuning_folder_carried_without_its_updates_resumes(tmp_path, monkeypat
 
     monkeypatch.setattr(
         runner,
-        "_isolated_unit",
-        lambda *a, **k: fake_unit(*a, **k) | {"update_digest": runner._digest(codec.encode(_empty()))},
+        "isolated_unit",
+        lambda *a, **k: fake_unit(*a, **k) | {"update_digest": runner.digest(codec.encode(_empty()))},
     )
     monkeypatch.setattr(runner, "score_merge", fake_merge)
     spec = TuneSpec.parse("lota.sparse-lr=1e-4,1e-3 ties.ties-k=0.1,0.3")
@@ -340,7 +340,7 @@ def test_a_federation_of_task_files_is_planned_like_any_other(tmp_path):
 def test_a_federation_folder_is_reused_resumed_or_moved_aside_never_mixed(tmp_path, monkeypatch):
     """Comparison._federation with a stand-in for flwr run that writes what a run leaves."""
     from fl_lota.compare import runner
-    from fl_lota.launch import RunOutcome
+    from fl_lota.federated.launch import RunOutcome
 
     launched, stopped, said = [], [], []
 
@@ -383,7 +383,9 @@ def test_generated_test_items_share_no_phrasing_with_train():
     import re
 
     from fl_lota.tasks import GENERATED
-    from fl_lota.tasks.generated import ITEMS, NAMES, PLACES, SQL_DOMAINS, TICKET_LABELS, WORDS
+    from fl_lota.tasks.base import NAMES
+    from fl_lota.tasks.generated import ITEMS, SQL_DOMAINS
+    from fl_lota.tasks.generated_text import PLACES, TICKET_LABELS, WORDS
 
     fillers = set(NAMES) | set(ITEMS) | set(PLACES) | set(WORDS) | set(TICKET_LABELS)
     for domain in SQL_DOMAINS:
@@ -426,8 +428,8 @@ def test_the_table_names_the_machines_its_units_ran_on(tmp_path, monkeypatch):
     bf16 instructions); a comparison carried over machines says so in its table."""
     import torch
 
-    from fl_lota import device
     from fl_lota.compare import runner
+    from fl_lota.training import device
 
     where = iter(["cpu A (amx_bf16; 2 cores), torch 2", "cpu B (avx512_bf16; 2 cores), torch 2"] * 4)
 
@@ -438,7 +440,7 @@ def test_the_table_names_the_machines_its_units_ran_on(tmp_path, monkeypatch):
         unit = {"scores": {task.name: 0.5}, "passes": 6, "examples": 24, "train_seconds": 1.0, "eval_seconds": 0.1}
         return unit | {"machine": next(where)}
 
-    monkeypatch.setattr(runner, "_isolated_unit", fake_unit)
+    monkeypatch.setattr(runner, "isolated_unit", fake_unit)
     spec = TuneSpec.parse("lota.sparse-lr=1e-4")
     plan = ComparePlan(app=None, base=dict(TINY), grid=[("lota", ["mask_aware"])], seeds=[0], tune=spec)
     cmp = Comparison(plan, tmp_path, log=lambda s: None)

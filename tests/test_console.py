@@ -12,8 +12,8 @@ import pytest
 
 from conftest import PAD, reverse_task
 from fl_lota import TrainConfig, finetune
-from fl_lota.console import quiet_libraries
-from fl_lota.models import load_model
+from fl_lota.federated.console import quiet_libraries
+from fl_lota.training.models import load_model
 
 
 class Tty(io.StringIO):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from fl_lota.partition import FederationSpec, client_data
-from fl_lota.prompting import format_prompt
-from fl_lota.runconfig import RunConfig, RunConfigError
+from fl_lota.federated.runconfig import RunConfig, RunConfigError
 from fl_lota.tasks import get_task, task_label
 from fl_lota.tasks.custom import TaskSpecError
+from fl_lota.tasks.partition import FederationSpec, client_data
+from fl_lota.tasks.prompting import format_prompt
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

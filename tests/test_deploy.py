@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fl_lota.report import read_rows
+from fl_lota.federated.report import read_rows
 from server.deploy import Federation, main, probe_superlink, write_creds
 
 ROOT = Path(__file__).resolve().parents[1]

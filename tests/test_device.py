@@ -11,13 +11,15 @@ import torch
 from test_federated import TINY
 
 from clients.app import gpu_share
-from fl_lota import codec, device, fedclient
-from fl_lota.fedclient import LocalNode
-from fl_lota.precheck import PrecheckError, check_run
-from fl_lota.protocol import EvalReport, TrainReport
-from fl_lota.report import write_run_report
-from fl_lota.runconfig import RunConfig, RunConfigError
-from fl_lota.task_vector import SparseTaskVector
+from fl_lota.federated import node as fedclient
+from fl_lota.federated.node import LocalNode
+from fl_lota.federated.precheck import PrecheckError, check_run
+from fl_lota.federated.protocol import EvalReport, TrainReport
+from fl_lota.federated.report import write_run_report
+from fl_lota.federated.runconfig import RunConfig, RunConfigError
+from fl_lota.training import device
+from fl_lota.vectors import codec
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 EMPTY = codec.encode(SparseTaskVector())
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
@@ -238,7 +240,7 @@ def test_fl_lota_run_says_when_a_gpu_is_here_but_clients_get_no_share(monkeypatc
 
 
 def test_a_lora_client_serves_the_next_round_after_a_failed_one(monkeypatch):
-    from fl_lota import lora
+    from fl_lota.training import lora
 
     cfg = RunConfig(**{**TINY, "method": "lora"})
     expected = LocalNode(cfg, 0).train(EMPTY).payload

@@ -1,4 +1,4 @@
-"""fl_lota.downlink: clients keep G, the server sends what changed since the version each holds;
+"""fl_lota.federated.downlink: clients keep G, the server sends what changed since the version each holds;
 every client ends with the server's G bit for bit, whatever rounds it missed or state it lost."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import random
 import pytest
 import torch
 
-from fl_lota import codec
-from fl_lota.downlink import (
+from fl_lota.federated.downlink import (
     Downlink,
     DownlinkError,
     change,
@@ -20,8 +19,9 @@ from fl_lota.downlink import (
     receive,
     to_keep,
 )
-from fl_lota.protocol import GlobalRef, ProtocolError
-from fl_lota.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.federated.protocol import GlobalRef, ProtocolError
+from fl_lota.vectors import codec
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 SHAPES = {"a": (40, 50), "b": (300,), "c": (8, 8)}
 

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from fl_lota.evaluate import evaluate, generate, normalized_scores
-from fl_lota.models import ModelNotFoundError, load, load_tokenizer
-from fl_lota.prompting import format_prompt, to_examples
+from fl_lota.compare.stats import normalized as normalized_scores
 from fl_lota.tasks import get_task
+from fl_lota.tasks.evaluate import evaluate, generate
+from fl_lota.tasks.prompting import format_prompt, to_examples
+from fl_lota.training.models import ModelNotFoundError, load, load_tokenizer
 from fl_lota.tune import main as finetune_main
 
 
@@ -49,10 +50,10 @@ def test_a_clients_evaluation_uses_its_batch_size_and_bf16_autocast(monkeypatch)
     """LocalNode scores with the run config's eval-batch-size, under bf16 autocast when bf16
     is on (as it trained) and in float32 when it is off: the forward passes of generation
     are counted and their autocast state read."""
-    from fl_lota import codec
-    from fl_lota.fedclient import LocalNode
-    from fl_lota.runconfig import RunConfig
-    from fl_lota.task_vector import SparseTaskVector
+    from fl_lota.federated.node import LocalNode
+    from fl_lota.federated.runconfig import RunConfig
+    from fl_lota.vectors import codec
+    from fl_lota.vectors.task_vector import SparseTaskVector
 
     seen = []
     for bf16 in (True, False):

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 from test_federated import TINY
 
-from fl_lota import codec
 from fl_lota.cli import main as cli_main
-from fl_lota.export import ExportError, export_client_updates, export_model, update_files
-from fl_lota.fedclient import LocalNode
-from fl_lota.fedserver import Aggregator, Upload
-from fl_lota.models import load, param_shapes
-from fl_lota.runconfig import RunConfig
-from fl_lota.task_vector import SparseTaskVector
+from fl_lota.federated.aggregator import Aggregator, Upload
+from fl_lota.federated.export import ExportError, export_client_updates, export_model, update_files
+from fl_lota.federated.node import LocalNode
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.training.models import load, param_shapes
+from fl_lota.vectors import codec
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 PROMPT = torch.tensor([[1, 40, 77, 120, 9, 200, 31]])
 

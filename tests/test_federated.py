@@ -8,13 +8,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_codec import resign
 
-from fl_lota import codec, lowrank
-from fl_lota.data import stream_order
-from fl_lota.fedclient import LocalNode, load_base
-from fl_lota.fedserver import MAX_UPDATE_ABS, Aggregator, Upload
-from fl_lota.merge import merge
-from fl_lota.runconfig import RunConfig, RunConfigError
-from fl_lota.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.federated.aggregator import MAX_UPDATE_ABS, Aggregator, Upload
+from fl_lota.federated.node import LocalNode, load_base
+from fl_lota.federated.runconfig import RunConfig, RunConfigError
+from fl_lota.merging.merge import merge
+from fl_lota.training.data import stream_order
+from fl_lota.vectors import codec, lowrank
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 TINY = dict(
     model="tiny",
@@ -256,7 +256,7 @@ def test_lowrank_expand_checks_its_factors():
 def test_evaluate_scores_each_candidate(monkeypatch):
     """Each candidate is scored as base + its own G: a stand-in metric reads one weight of
     the model it is given, and three candidates set that weight apart."""
-    from fl_lota import fedclient
+    from fl_lota.federated import node as fedclient
 
     cfg = RunConfig(**TINY)
     node = LocalNode(cfg, 1)

@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("flwr")
 
 from fl_lota.cli import main as cli_main
-from fl_lota.data import client_stream_seed, stream_order
-from fl_lota.launch import RunFailed, launch, stop_local_superlink
-from fl_lota.report import read_rows
+from fl_lota.federated.launch import RunFailed, launch, stop_local_superlink
+from fl_lota.federated.report import read_rows
+from fl_lota.training.data import client_stream_seed, stream_order
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "sims" / "heterogeneous_tasks"
@@ -72,8 +72,8 @@ def test_flwr_run_tiny_federation(flwr_home, tmp_path):
     assert cli_main(["export", str(out), "--out", str(tmp_path / "model")]) == 0
     from transformers import AutoModelForCausalLM
 
-    from fl_lota.models import load
-    from fl_lota.task_vector import SparseTaskVector
+    from fl_lota.training.models import load
+    from fl_lota.vectors.task_vector import SparseTaskVector
 
     ids = torch.tensor([[1, 50, 60, 70]])
     model, _ = load("tiny")
@@ -271,7 +271,7 @@ def _comparable(rows: list[dict], resumed_at: int | None = None) -> list[dict]:
 
 
 def test_an_interrupted_run_resumes_to_the_same_result(flwr_home, tmp_path):
-    from fl_lota.task_vector import SparseTaskVector
+    from fl_lota.vectors.task_vector import SparseTaskVector
 
     base = {"num-server-rounds": 3, "client-state-dir": str(tmp_path / "client-state")}
     whole, cut = tmp_path / "whole", tmp_path / "cut"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fl_lota.masks import (
+from fl_lota.training.masks import (
     DEFAULT_SCOPE,
     MASK_SELECTORS,
     density,
@@ -12,7 +12,7 @@ from fl_lota.masks import (
     scope_names,
     top_k_flat,
 )
-from fl_lota.models import load_model
+from fl_lota.training.models import load_model
 
 
 def _delta(seed=0):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fl_lota.merge import MERGE_METHODS, elect_sign, masked_mean, merge, trim_top_k
-from fl_lota.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.merging.merge import MERGE_METHODS, elect_sign, masked_mean, merge, trim_top_k
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 
 def sv(idx, vals, shape=(4,), name="w"):

@@ -9,8 +9,8 @@ import pytest
 from test_custom_tasks import ROWS, write
 
 from fl_lota.cli import main
-from fl_lota.precheck import PrecheckError, check_run
-from fl_lota.runconfig import RunConfig
+from fl_lota.federated.precheck import PrecheckError, check_run
+from fl_lota.federated.runconfig import RunConfig
 
 TINY = dict(model="tiny", n_train=8, n_test=2)
 

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from fl_lota.protocol import (
+from fl_lota.federated.protocol import (
     EMPTY,
     EvalInstruction,
     EvalReport,

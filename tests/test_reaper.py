@@ -1,4 +1,4 @@
-"""fl_lota.reaper: what a process killed with SIGKILL leaves running is stopped, and nothing else."""
+"""fl_lota.federated.reaper: what a process killed with SIGKILL leaves running is stopped, and nothing else."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 PARENT = textwrap.dedent(
     """
     import subprocess, sys, time
-    from fl_lota import reaper
+    from fl_lota.federated import reaper
     # a grandchild in its own session, as Ray's agents end up: a kill of the parent does not reach it
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
     if sys.argv[1] == "watch":
@@ -60,7 +60,7 @@ def test_what_a_killed_process_leaves_running_is_stopped(watched):
 LATE = textwrap.dedent(
     """
     import subprocess, sys, time
-    from fl_lota import reaper
+    from fl_lota.federated import reaper
     reaper.watch(interval=5.0, grace=2.0)  # its first record holds no child yet; the next is 5 s away
     # started after that record by a child that exits at once: the grandchild is reparented,
     # out of reach of the dead process's tree, before the watchdog looks again

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from fl_lota import report
 from fl_lota.cli import main, parse_grid, parse_sets
-from fl_lota.runconfig import RunConfigError
+from fl_lota.federated import report
+from fl_lota.federated.runconfig import RunConfigError
 
 
 def row(rnd, method, merge, scores, local, uplink, values_only=0):
@@ -86,7 +86,7 @@ def test_cli_refuses_a_bad_config_before_starting(capsys, tmp_path):
 
 
 def test_run_report_draws_each_tasks_score_against_its_clients_bytes(tmp_path):
-    from fl_lota.report import write_run_report
+    from fl_lota.federated.report import write_run_report
 
     def client(name, up, down):
         return {"client": name, "partition": 0, "message_bytes": up, "downlink_bytes": down}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_lota.runconfig import KEYS, RunConfig, RunConfigError
+from fl_lota.federated.runconfig import KEYS, RunConfig, RunConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = sorted(glob.glob(str(ROOT / "sims" / "*" / "pyproject.toml")))
@@ -28,7 +28,7 @@ def test_defaults_are_valid():
 @pytest.mark.parametrize("pyproject", APPS)
 def test_every_app_lists_every_key_and_parses(pyproject):
     conf = app_config(pyproject)
-    assert set(conf) == set(KEYS), f"{pyproject}: keys differ from fl_lota.runconfig: {set(conf) ^ set(KEYS)}"
+    assert set(conf) == set(KEYS), f"{pyproject}: keys differ from fl_lota.federated.runconfig: {set(conf) ^ set(KEYS)}"
     RunConfig.from_run_config(conf)
     assert "federations" not in tomllib.loads(Path(pyproject).read_text())["tool"]["flwr"]
 
@@ -80,7 +80,7 @@ def test_finetune_options_follow_the_method():
 
 
 def test_verbose_changes_no_stored_results_key_and_no_resume():
-    from fl_lota.runconfig import RunConfig
+    from fl_lota.federated.runconfig import RunConfig
 
     quiet, loud = RunConfig(), RunConfig(verbose=True)
     assert quiet.identity() == loud.identity() and "verbose" not in quiet.identity()

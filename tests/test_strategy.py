@@ -16,10 +16,10 @@ pytest.importorskip("flwr")
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from test_federated import sparse_tv
 
-from fl_lota import codec
-from fl_lota.protocol import TrainReport
-from fl_lota.runconfig import RunConfig
-from fl_lota.task_vector import SparseTaskVector
+from fl_lota.federated.protocol import TrainReport
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.vectors import codec
+from fl_lota.vectors.task_vector import SparseTaskVector
 from server.book import RoundBook
 from server.strategy import LotaFedAvg
 from wire import PAYLOAD, content_bytes, fltv_array, payloads
@@ -320,7 +320,7 @@ def test_an_eval_reply_claiming_another_partition_is_refused(tmp_path):
 
 
 def test_a_merge_that_fails_leaves_the_global_model_and_the_run_going(tmp_path, monkeypatch):
-    from fl_lota import fedserver
+    from fl_lota.federated import aggregator as fedserver
 
     strategy, book = make(tmp_path)
     before = strategy.aggregator.global_payload

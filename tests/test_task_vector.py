@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fl_lota.masks import magnitude_mask
-from fl_lota.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.training.masks import magnitude_mask
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 
 def _delta():

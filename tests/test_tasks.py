@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_lota.partition import FederationSpec, client_data
 from fl_lota.tasks import GENERATED, METRICS, REAL, TASKS, Sample, get_task
 from fl_lota.tasks.metrics import final_number, sql_execution, sql_results
+from fl_lota.tasks.partition import FederationSpec, client_data
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

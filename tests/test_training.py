@@ -8,11 +8,11 @@ import torch
 
 from conftest import PAD, constant_task, mean_loss, reverse_task
 from fl_lota import FINETUNE_METHODS, TrainConfig, finetune
-from fl_lota.data import batch_iterator, collate, stream_order
-from fl_lota.lota import calibrate, scope_params
-from fl_lota.masks import density, overlap, random_mask
-from fl_lota.models import ModelNotFoundError, load_model
-from fl_lota.optim import MaskedAdamW, MaskedRMSprop, clip_per_tensor_
+from fl_lota.training.data import batch_iterator, collate, stream_order
+from fl_lota.training.lota import calibrate, scope_params
+from fl_lota.training.masks import density, overlap, random_mask
+from fl_lota.training.models import ModelNotFoundError, load_model
+from fl_lota.training.optim import MaskedAdamW, MaskedRMSprop, clip_per_tensor_
 
 CFG = TrainConfig(steps=30, lr=2e-3, batch_size=16, max_grad_norm=1.0, seed=0)
 
@@ -238,7 +238,7 @@ def test_masked_step_is_stock_on_the_trainable_entries_and_leaves_the_rest_bit_i
 def test_train_hands_its_clip_to_the_optimizer(tiny, toy, monkeypatch):
     """The per-tensor clip runs inside the optimizer's step now: train() must pass it on
     (and None when clipping is off)."""
-    import fl_lota.train as train_mod
+    import fl_lota.training.train as train_mod
 
     seen = []
 
@@ -271,7 +271,7 @@ def test_grad_accumulation_and_precision(tiny, toy, bf16):
 
 
 def test_collate_masks_prompt_and_padding():
-    from fl_lota.data import Example
+    from fl_lota.training.data import Example
 
     batch = collate([Example((1, 5, 6), (7, 8)), Example((1, 9), (4,))], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8], [1, 9, 4, 0, 0]]

@@ -1,4 +1,4 @@
-"""fl-lota's round protocol (``fl_lota.protocol``) in Flower messages, shared by the
+"""fl-lota's round protocol (``fl_lota.federated.protocol``) in Flower messages, shared by the
 ClientApp and the ServerApp (neither imports the other).
 
 A message's content holds three records: ``arrays`` (payloads), ``config`` (the server's
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_lota.protocol import ProtocolError
+from fl_lota.federated.protocol import ProtocolError
 
 __all__ = [
     "ARRAYS",

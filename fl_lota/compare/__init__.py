@@ -24,9 +24,18 @@ starting, ``plan`` prints the runs, the budget and a time estimate measured on t
 
 from __future__ import annotations
 
-from .plan import DEFAULT_GRID, DEFAULT_TUNE, RESERVED, ComparePlan, TuneSpec, effective_config, parse_grid, probe_speed
-from .runner import Comparison, run_compare
-from .table import write_comparison
+from fl_lota.compare.plan import (
+    DEFAULT_GRID,
+    DEFAULT_TUNE,
+    RESERVED,
+    ComparePlan,
+    TuneSpec,
+    effective_config,
+    parse_grid,
+    probe_speed,
+)
+from fl_lota.compare.runner import Comparison, run_compare
+from fl_lota.compare.table import write_comparison
 
 __all__ = [
     "DEFAULT_GRID",

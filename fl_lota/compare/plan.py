@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..isolated import validation_task
-from ..merge import MERGE_METHODS
-from ..methods import FINETUNE_METHODS
-from ..runconfig import KEYS, RunConfig, RunConfigError
-from ..tasks import Task, get_task, task_label
+from fl_lota.compare.isolated import validation_task
+from fl_lota.federated.runconfig import KEYS, RunConfig, RunConfigError
+from fl_lota.merging.merge import MERGE_METHODS
+from fl_lota.tasks import Task, get_task, task_label
+from fl_lota.training.methods import FINETUNE_METHODS
 
 __all__ = [
     "DEFAULT_GRID",
@@ -275,12 +275,12 @@ def probe_speed(plan: ComparePlan, steps: int = 3, items: int = 64) -> dict[str,
     """Seconds per training step and per generated answer of this model on this machine:
     a few FFT steps on the first task, one evaluation batch per task (the base weights are
     put back afterwards)."""
-    from ..data import DataStream
-    from ..evaluate import evaluate
-    from ..fedclient import load_base
-    from ..lota import scope_params
-    from ..prompting import to_examples
-    from ..train import train
+    from fl_lota.federated.node import load_base
+    from fl_lota.tasks.evaluate import evaluate
+    from fl_lota.tasks.prompting import to_examples
+    from fl_lota.training.data import DataStream
+    from fl_lota.training.lota import scope_params
+    from fl_lota.training.train import train
 
     cfg = plan.cfg
     model, tok, base = load_base(cfg.model, cfg.resolved_device())

@@ -7,9 +7,7 @@ server checkpoint, with its clients' masks kept under its folder (``client-state
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -17,115 +15,30 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import codec
-from .. import device as devices
-from ..isolated import isolated_run, score_merge, score_models
-from ..launch import RunFailed, launch, stop_run
-from ..report import read_rows
-from ..runconfig import RESUME_MAY_CHANGE, RunConfig
-from ..task_vector import SparseTaskVector
-from ..tasks import Task
-from .plan import RESERVED, ComparePlan, probe_speed, setting_slug, slug
-from .table import write_comparison
+from fl_lota.compare.isolated import isolated_unit, score_merge, score_models
+from fl_lota.compare.plan import RESERVED, ComparePlan, probe_speed, setting_slug, slug
+from fl_lota.compare.store import (
+    aside,
+    cached,
+    completed,
+    digest,
+    settings,
+    store,
+    stored,
+    task_fingerprint,
+    unit_key,
+    write_json,
+)
+from fl_lota.compare.table import setting_text, write_comparison
+from fl_lota.federated.launch import RunFailed, launch, stop_run
+from fl_lota.federated.report import read_rows
+from fl_lota.federated.runconfig import RESUME_MAY_CHANGE, RunConfig
+from fl_lota.tasks import Task
+from fl_lota.training import device as devices
+from fl_lota.vectors import codec
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 __all__ = ["Comparison", "run_compare"]
-
-
-# ---- the stored units ------------------------------------------------------------------
-
-
-def _write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _completed(stored: Mapping[str, object], current: Mapping[str, object]) -> dict[str, object]:
-    """A stored run config with the keys RunConfig gained since filled in at their
-    defaults (``RunConfig.completed``), restricted to the keys either side holds."""
-    filled = RunConfig.completed(stored)
-    return {k: v for k, v in filled.items() if k in current or k in stored}
-
-
-def _same_key(stored: object, key: Mapping[str, object]) -> bool:
-    if not isinstance(stored, dict):
-        return False
-    if isinstance(stored.get("config"), dict) and "config" in key:
-        stored = stored | {"config": _completed(stored["config"], key["config"])}
-    return stored == key
-
-
-def _stored(path: Path, key: Mapping[str, object]) -> dict | None:
-    """The result stored at ``path`` if it was made with ``key`` (settings that RunConfig
-    gained since count at their defaults), else None."""
-    if path.is_file():
-        try:
-            stored = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
-        if _same_key(stored.get("key"), _plain(key)):
-            return stored["result"]
-    return None
-
-
-def _cached(path: Path, key: Mapping[str, object], compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """The stored result at ``path`` if it was made with ``key``, else ``compute()``
-    (stored with its key). Returns (result, reused)."""
-    stored = _stored(path, key)
-    if stored is not None:
-        return stored, True
-    result = compute()
-    _store(path, key, result)
-    return result, False
-
-
-def _plain(key: Mapping[str, object]) -> dict:
-    """``key`` as it reads back from JSON (tuples become lists), for comparison."""
-    return json.loads(json.dumps(key, sort_keys=True))
-
-
-def _store(path: Path, key: Mapping[str, object], result: dict) -> None:
-    _write_json(path, {"key": _plain(key), "result": result})
-
-
-def _unit_key(cfg: RunConfig, task: Task, part: int) -> dict:
-    """What makes a single-task run: its settings, its data and its partition."""
-    return {"config": cfg.identity(), "task": task_fingerprint(task), "partition": part}
-
-
-def _digest(payload: bytes) -> str:
-    return hashlib.blake2b(payload, digest_size=16).hexdigest()
-
-
-def task_fingerprint(task: Task) -> str:
-    """The task's name and a digest of its train and test items: a stored unit is reused
-    only for the very data it was made with."""
-    h = hashlib.blake2b(digest_size=16)
-    for split in (task.train, task.test):
-        for s in split:
-            h.update(json.dumps([s.prompt, s.answer], ensure_ascii=False).encode())
-        h.update(b"\x00")
-    return f"{task.name}:{h.hexdigest()}"
-
-
-def _isolated_unit(cfg: RunConfig, partition: int, task: Task, *, vector_path: Path | None = None) -> dict:
-    res = isolated_run(cfg, partition, task)
-    if vector_path is not None:
-        vector_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = vector_path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_bytes(res.payload)
-        os.replace(tmp, vector_path)
-    return {
-        "scores": res.scores,
-        "passes": res.passes,
-        "examples": res.examples,
-        "train_seconds": res.train_seconds,
-        "eval_seconds": res.eval_seconds,
-        "update_bytes": len(res.payload),
-        "update_digest": _digest(res.payload),
-        "machine": devices.machine(devices.resolve(cfg.device)),
-    }
 
 
 @dataclass
@@ -181,8 +94,8 @@ class Comparison:
     # ---- 0. the base model ------------------------------------------------------------
 
     def base_scores(self) -> dict[str, float]:
-        from ..fedclient import LocalNode
-        from ..partition import ClientData
+        from fl_lota.federated.node import LocalNode
+        from fl_lota.tasks.partition import ClientData
 
         p = self.plan
 
@@ -198,9 +111,11 @@ class Comparison:
             "bf16": p.cfg.bf16,
             "eval_batch_size": p.cfg.eval_batch_size,
         }
-        res, reused = _cached(self.out / "base.json", key, compute)
+        res, reused = cached(self.out / "base.json", key, compute)
         self._ran_on(res)
-        self._say(f"base model {'(stored) ' if reused else ''}{_scores_text(res['scores'])}")
+        self._say(
+            f"base model {'(stored) ' if reused else ''}{' '.join(f'{t}={v:.3f}' for t, v in res['scores'].items())}"
+        )
         self.results["base"] = res["scores"]
         return res["scores"]
 
@@ -229,7 +144,7 @@ class Comparison:
                     scores |= res["scores"]
                     passes += res["passes"]
                     self._say(
-                        f"tune {method} {_setting_text(cand)} {task.name}: validation "
+                        f"tune {method} {setting_text(cand, 'configured values')} {task.name}: validation "
                         f"{res['scores'].get(task.name, 0):.3f}{_took(res, reused)}"
                     )
                 rows.append({"setting": cand, "val": scores, "mean": _mean(scores.values()), "passes": passes})
@@ -246,7 +161,7 @@ class Comparison:
                 )
                 merge_chosen[(method, merge)] = entry["merges"][merge]["chosen"]
             self.results["tuning"][method] = entry
-            self._say(f"tuned {method}: {_setting_text(chosen[method])}")
+            self._say(f"tuned {method}: {setting_text(chosen[method], 'configured values')}")
         return {"methods": chosen, "merges": merge_chosen}
 
     def _best(self, rows: list[dict], context: Mapping[str, object]) -> dict:
@@ -268,7 +183,7 @@ class Comparison:
         it (``.fltv``), which the merge tuning reads. A stored run is reused without its
         update: the merge tuning asks for the update only when it has a candidate to score."""
         vector = path.with_suffix(".fltv") if keep else None
-        res = _cached(path, _unit_key(cfg, task, part), lambda: _isolated_unit(cfg, part, task, vector_path=vector))
+        res = cached(path, unit_key(cfg, task, part), lambda: isolated_unit(cfg, part, task, vector_path=vector))
         self._ran_on(res[0])
         return res
 
@@ -284,11 +199,11 @@ class Comparison:
         vector = unit.path.with_suffix(".fltv")
         if vector.is_file():
             payload = vector.read_bytes()
-            if _digest(payload) == unit.result.get("update_digest", _digest(payload)):
+            if digest(payload) == unit.result.get("update_digest", digest(payload)):
                 return payload
         self._say(f"{unit.path}: its update is missing or altered; training that run again")
-        unit.result = _isolated_unit(unit.cfg, unit.part, unit.task, vector_path=vector)
-        _store(unit.path, _unit_key(unit.cfg, unit.task, unit.part), unit.result)
+        unit.result = isolated_unit(unit.cfg, unit.part, unit.task, vector_path=vector)
+        store(unit.path, unit_key(unit.cfg, unit.task, unit.part), unit.result)
         return vector.read_bytes()
 
     def _tune_merge(self, method, merge, setting, cands, units: list[_Unit], rescore: bool = False) -> dict:
@@ -304,7 +219,7 @@ class Comparison:
         )
 
         def digests() -> list[str]:
-            return [_digest(u) for u in loaded] if loaded else [u.result["update_digest"] for u in units]
+            return [digest(u) for u in loaded] if loaded else [u.result["update_digest"] for u in units]
 
         rows: list[dict] = []
         for cand in cands:
@@ -315,23 +230,24 @@ class Comparison:
                 return {"config": c.identity(), "tasks": [task_fingerprint(t) for t in val], "updates": d}
 
             t0 = time.perf_counter()
-            res = None if rescore else _stored(path, key(digests()))
+            res = None if rescore else stored(path, key(digests()))
             reused = res is not None
             if res is None:
                 if not loaded:
                     before = [u.result.get("update_digest") for u in units]
                     loaded[:] = [self._update(u) for u in units]
-                    if [_digest(u) for u in loaded] != before and rows:
+                    if [digest(u) for u in loaded] != before and rows:
                         # training again gave other updates: the scores already read were
                         # made from the old ones, so every candidate is scored anew
                         self._say(f"tune {method}+{merge}: the retrained updates differ; scoring every candidate anew")
                         return self._tune_merge(method, merge, setting, cands, units, rescore=True)
                 setting_of = {"m": {"merge": merge, **cfg.merge_params(merge)}}
                 res = {"scores": score_merge(cfg, loaded, weights, val, setting_of)["m"]}
-                _store(path, key(digests()), res)
+                store(path, key(digests()), res)
             rows.append({"setting": cand, "val": res["scores"], "mean": _mean(res["scores"].values())})
             took = " (stored)" if reused else f" ({time.perf_counter() - t0:.0f} s)"
-            self._say(f"tune {method}+{merge} {_setting_text(cand)}: validation mean {rows[-1]['mean']:.3f}{took}")
+            label = setting_text(cand, "configured values")
+            self._say(f"tune {method}+{merge} {label}: validation mean {rows[-1]['mean']:.3f}{took}")
         best = self._best(rows, {"method": method, "merge": merge} | setting)
         return {"candidates": rows, "chosen": dict(best["setting"])}
 
@@ -397,64 +313,50 @@ class Comparison:
         reused or deleted."""
         p = self.plan
         cfg = p.config(sets)
-        unit = {"config": _settings(cfg), "tasks": [task_fingerprint(t) for t in p.tasks]}
+        unit = {"config": settings(cfg), "tasks": [task_fingerprint(t) for t in p.tasks]}
         done, marker = folder / "launch.json", folder / "unit.json"
         if folder.exists():
-            stored = json.loads(marker.read_text()) if marker.is_file() else {}
-            if isinstance(stored.get("config"), dict):
-                stored["config"] = _completed(stored["config"], unit["config"])
-            if stored.get("run_id") and not done.is_file():  # a driver killed hard: stop its run first
-                stop_run(stored["run_id"], p.flwr_home)
+            before = json.loads(marker.read_text()) if marker.is_file() else {}
+            if isinstance(before.get("config"), dict):
+                before["config"] = completed(before["config"], unit["config"])
+            if before.get("run_id") and not done.is_file():  # a driver killed hard: stop its run first
+                stop_run(before["run_id"], p.flwr_home)
             rows = read_rows(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
             resumable = {k: v for k, v in unit["config"].items() if k not in RESUME_MAY_CHANGE}
             same = (
-                stored.get("tasks") == unit["tasks"]
-                and {k: v for k, v in stored.get("config", {}).items() if k not in RESUME_MAY_CHANGE} == resumable
+                before.get("tasks") == unit["tasks"]
+                and {k: v for k, v in before.get("config", {}).items() if k not in RESUME_MAY_CHANGE} == resumable
                 and all(r["round"] <= cfg.num_server_rounds for r in rows)
             )
             info = json.loads(done.read_text()) if done.is_file() else {}
-            if same and stored.get("config") == unit["config"] and info.get("status") == "finished:completed":
+            if same and before.get("config") == unit["config"] and info.get("status") == "finished:completed":
                 self._say(f"{label}: stored run reused ({folder})")
                 self._ran_on(info)
                 return rows, info["seconds"]
             if not same or not (folder / "checkpoint").is_dir():
                 if rows or not same:
-                    aside = _aside(folder)
-                    self._say(f"{label}: {folder} was made with other settings, data or rounds; moved to {aside}")
+                    moved = aside(folder)
+                    self._say(f"{label}: {folder} was made with other settings, data or rounds; moved to {moved}")
                 else:
                     shutil.rmtree(folder)  # stopped before any round completed: nothing in it
             else:
                 done.unlink(missing_ok=True)
                 self._say(f"{label}: resuming from its checkpoint")
-        _write_json(marker, unit)
+        write_json(marker, unit)
         self._say(f"{label}: flwr run -> {folder}")
         outcome = launch(
             p.app,
             run_config=p.base | sets,
             federation_config=p.federation_config,
             flwr_home=p.flwr_home,
-            on_start=lambda run_id: _write_json(marker, unit | {"run_id": run_id}),
+            on_start=lambda run_id: write_json(marker, unit | {"run_id": run_id}),
         )
         # the machine of this driver; in simulation the clients run on it too
         info = {"run_id": outcome.run_id, "status": outcome.status, "seconds": outcome.seconds}
         info["machine"] = devices.machine(devices.resolve(cfg.device))
-        _write_json(done, info)
+        write_json(done, info)
         self._ran_on(info)
         return read_rows(folder / "metrics.jsonl"), outcome.seconds
-
-
-def _settings(cfg: RunConfig) -> dict:
-    """A federation's settings as stored: its folders left out, so a comparison folder that
-    was moved still recognises its finished runs."""
-    return {k: v for k, v in _plain(cfg.identity()).items() if k not in ("results_dir", "client_state_dir")}
-
-
-def _aside(folder: Path) -> Path:
-    n = 1
-    while (aside := folder.with_name(f"{folder.name}.stale-{n}")).exists():
-        n += 1
-    folder.rename(aside)
-    return aside
 
 
 def _tuned_part(sets: Mapping[str, object]) -> dict[str, object]:
@@ -468,14 +370,6 @@ def _took(res: Mapping, reused: bool) -> str:
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else float("nan")
-
-
-def _scores_text(scores: Mapping[str, float]) -> str:
-    return " ".join(f"{t}={v:.3f}" for t, v in scores.items())
-
-
-def _setting_text(setting: Mapping[str, object]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in setting.items()) or "configured values"
 
 
 def run_compare(plan: ComparePlan, out: Path, *, plan_only: bool = False, estimate: bool = True) -> int:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import random
 
-from .base import Sample, Task, unique_split
-from .custom import TaskSpecError, is_spec, load_custom, parse_spec
-from .generated import GENERATORS
-from .metrics import METRICS, check_sql_rows
-from .real import CONVERTERS, load_rows
+from fl_lota.tasks.base import Sample, Task, unique_split
+from fl_lota.tasks.custom import TaskSpecError, is_spec, load_custom, parse_spec
+from fl_lota.tasks.generated import GENERATORS
+from fl_lota.tasks.metrics import METRICS, check_sql_rows
+from fl_lota.tasks.real import CONVERTERS, load_rows
 
 __all__ = [
     "GENERATED",

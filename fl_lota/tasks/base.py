@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Sample", "Task", "unique_split"]
+__all__ = ["NAMES", "SPLITS", "Sample", "Task", "by_split", "unique_split"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Task:
     def score(self, predictions: Sequence[str], samples: Sequence[Sample] | None = None) -> dict[str, float]:
         """Mean of the task's metric (``score``) and its extra metrics over the test set
         (or ``samples``), in [0, 1]."""
-        from .metrics import METRICS
+        from fl_lota.tasks.metrics import METRICS
 
         samples = self.test if samples is None else samples
         if len(predictions) != len(samples):
@@ -70,3 +70,42 @@ def unique_split(
 
     test = draw(make_test, n_test, "test")
     return draw(make_train, n_train, "train"), test
+
+
+# ---- shared by the generated tasks (fl_lota.tasks.generated, generated_text)
+
+NAMES = [
+    "Anna",
+    "Ben",
+    "Carla",
+    "David",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jamal",
+    "Kira",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Pedro",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wes",
+    "Yuki",
+]
+
+SPLITS = ("train", "test")
+
+
+def by_split(split: str, train: Sequence, test: Sequence):
+    """The phrasings of ``split``: a generated task's train and test wordings are disjoint."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return train if split == "train" else test

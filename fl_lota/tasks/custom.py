@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from .base import Sample, Task
-from .metrics import METRICS, final_number, sql_results
+from fl_lota.tasks.base import Sample, Task
+from fl_lota.tasks.metrics import METRICS, final_number, sql_results
 
 __all__ = ["SPEC_KEYS", "TaskSpec", "TaskSpecError", "is_spec", "load_custom", "parse_spec"]
 

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable
 from functools import lru_cache
 
-from .base import Sample
+from fl_lota.tasks.base import Sample
 
 __all__ = ["METRICS", "EmptySchemaError", "check_sql_rows", "final_number", "empty_tables", "sql_results"]
 

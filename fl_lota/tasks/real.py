@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Sample
+from fl_lota.tasks.base import Sample
 
 ARC_LABELS = ["answer1", "answer2", "answer3", "answer4", "answer5"]
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .device import DeviceError, resolve
-from .runconfig import RunConfig
-from .tasks import TaskSpecError, get_task, is_spec, parse_spec, task_label
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.tasks import TaskSpecError, get_task, is_spec, parse_spec, task_label
+from fl_lota.training.device import DeviceError, resolve
 
 __all__ = ["PrecheckError", "check_run"]
 
@@ -39,7 +39,7 @@ def _local(spec: str) -> bool:
 def check_run(cfg: RunConfig, *, local_only: bool = False, check_model: bool = True) -> list[str]:
     """Load every task of ``cfg``'s federation and the model's shapes; returns the tasks
     left to their clients (``local_only``). Raises PrecheckError."""
-    from .models import param_shapes
+    from fl_lota.training.models import param_shapes
 
     skipped = []
     for spec in dict.fromkeys(cfg.spec.tasks):
@@ -51,7 +51,7 @@ def check_run(cfg: RunConfig, *, local_only: bool = False, check_model: bool = T
         except (TaskSpecError, FileNotFoundError, ValueError) as e:
             raise PrecheckError(f"task {task_label(spec)!r} cannot be loaded: {e}") from None
     if cfg.spec.alpha is not None and not skipped:  # a mixed federation: the split itself must work
-        from .partition import client_data
+        from fl_lota.tasks.partition import client_data
 
         try:
             client_data(cfg.spec, 0, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.data_seed)

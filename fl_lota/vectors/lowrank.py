@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .task_vector import SparseTaskVector, SparseTensor
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 __all__ = ["SUFFIX_A", "SUFFIX_B", "expand", "is_lowrank", "pack"]
 

@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .masks import top_k_flat
-from .task_vector import SparseTaskVector, SparseTensor
+from fl_lota.training.masks import top_k_flat
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 __all__ = ["MERGE_METHODS", "elect_sign", "masked_mean", "merge", "register", "trim_top_k"]
 

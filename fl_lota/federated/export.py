@@ -35,10 +35,10 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
-from .models import DEFAULT_MODEL, load
-from .report import read_rows
-from .runconfig import RunConfig
-from .task_vector import SparseTaskVector
+from fl_lota.federated.report import read_rows
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.training.models import DEFAULT_MODEL, load
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 __all__ = ["ExportError", "export_client_updates", "export_model", "update_files"]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from .task_vector import SparseTaskVector
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import codec
-from .protocol import EMPTY, GlobalRef
-from .task_vector import SparseTaskVector, SparseTensor
+from fl_lota.federated.protocol import EMPTY, GlobalRef
+from fl_lota.vectors import codec
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 __all__ = [
     "Downlink",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .tasks import Sample, Task, check_task, get_task, task_label
+from fl_lota.tasks import Sample, Task, check_task, get_task, task_label
 
 __all__ = ["ClientData", "FederationSpec", "client_data"]
 

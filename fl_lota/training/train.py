@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from tqdm.auto import tqdm
 
-from .device import autocast_bf16
-from .optim import OPTIMIZERS, build_optimizer
+from fl_lota.training.device import autocast_bf16
+from fl_lota.training.optim import OPTIMIZERS, build_optimizer
 
 __all__ = ["TrainConfig", "TrainStats", "train"]
 

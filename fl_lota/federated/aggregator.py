@@ -29,11 +29,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from . import codec, lowrank
-from .merge import merge
-from .protocol import TrainReport
-from .runconfig import RunConfig
-from .task_vector import SparseTaskVector
+from fl_lota.federated.protocol import TrainReport
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.merging.merge import merge
+from fl_lota.vectors import codec, lowrank
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 __all__ = ["MAX_UPDATE_ABS", "Aggregator", "Upload", "UploadError", "accepted_shapes"]
 
@@ -71,7 +71,9 @@ class Upload:
 
 @dataclass
 class RoundMerge:
-    """What one aggregation produced, for the round's record."""
+    """What one aggregation produced, for the round's record. The round's policy is decided
+    here, once: which uploads count, whether there were enough (``too_few``), whether G
+    changed (``updated``)."""
 
     accepted: list[str]
     rejected: dict[str, str]  # client -> reason
@@ -82,14 +84,20 @@ class RoundMerge:
     global_bytes: int
     candidate_bytes: dict[str, int]
     merge_error: str | None = None  # the merge failed: G unchanged this round
+    too_few: bool = False  # fewer usable uploads than min-replies: G unchanged this round
     # what the server measured of each accepted upload (not what the client claims):
     # payload_bytes, values_only, nnz (values sent), numel (entries of the dense update they
     # stand for), index_entropy_bytes (the entropy bound of a full upload's mask)
     measured: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    @property
+    def updated(self) -> bool:
+        """Whether this round changed G."""
+        return not self.too_few and self.merge_error is None
+
 
 class Aggregator:
-    """``shapes``: the model's parameter names and shapes (``fl_lota.models.param_shapes``);
+    """``shapes``: the model's parameter names and shapes (``fl_lota.training.models.param_shapes``);
     when given, every upload must name only those tensors, at those shapes."""
 
     def __init__(self, cfg: RunConfig, shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
@@ -276,7 +284,8 @@ class Aggregator:
         decode_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.candidates = {}
-        if len(vectors) < self.cfg.min_replies:  # too few: keep the global model as it is
+        too_few = len(vectors) < max(1, self.cfg.min_replies)
+        if too_few:  # keep the global model as it is
             vectors, weights = [], []
         merge_error = None
         if vectors:
@@ -304,5 +313,6 @@ class Aggregator:
             global_bytes=len(self.global_payload),
             candidate_bytes={k: len(v) for k, v in self.candidates.items()},
             merge_error=merge_error,
+            too_few=too_few,
             measured={c: self._measured[c] for c in accepted},
         )

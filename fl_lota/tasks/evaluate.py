@@ -6,16 +6,16 @@ divided by the score of the model fine-tuned on that task alone, averaged over t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .device import autocast_bf16
-from .prompting import format_prompt
-from .tasks.base import Sample, Task
+from fl_lota.tasks.base import Sample, Task
+from fl_lota.tasks.prompting import format_prompt
+from fl_lota.training.device import autocast_bf16
 
-__all__ = ["DEFAULT_BATCH", "evaluate", "generate", "normalized_scores"]
+__all__ = ["DEFAULT_BATCH", "evaluate", "generate"]
 
 # prompts per generation batch: on a 2-core CPU, SmolLM2-135M answered in 0.215 s per item
 # at 16 and 0.149 s at 64 (float32); the KV cache of 64 rows of ~140 tokens is ~0.4 GB
@@ -93,12 +93,3 @@ def evaluate(
         bf16=bf16,
     )
     return task.score(preds, samples) | {"n": len(samples)}
-
-
-def normalized_scores(scores: Mapping[str, float], single_task: Mapping[str, float]) -> dict[str, float]:
-    """Per task score / single-task fine-tuned score, and their ``mean``. A task whose
-    reference score is 0 has no normalized score (left out, not divided by zero)."""
-    out = {t: scores[t] / single_task[t] for t in scores if single_task.get(t, 0) > 0}
-    if out:
-        out["mean"] = sum(out.values()) / len(out)
-    return out

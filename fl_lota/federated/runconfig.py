@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, fields
 from itertools import pairwise
 from pathlib import Path
 
-from . import codec
-from . import device as devices
-from .merge import MERGE_METHODS
-from .methods import FINETUNE_METHODS
-from .optim import OPTIMIZERS
-from .partition import FederationSpec
-from .train import TrainConfig
+from fl_lota.merging.merge import MERGE_METHODS
+from fl_lota.tasks.partition import FederationSpec
+from fl_lota.training import device as devices
+from fl_lota.training.methods import FINETUNE_METHODS
+from fl_lota.training.optim import OPTIMIZERS
+from fl_lota.training.train import TrainConfig
+from fl_lota.vectors import codec
 
 __all__ = ["COSMETIC", "KEYS", "RESUME_MAY_CHANGE", "RunConfig", "RunConfigError"]
 
@@ -48,7 +48,7 @@ class RunConfigError(ValueError):
 class RunConfig:
     num_server_rounds: int = 2
     model: str = "default"  # 'default' (embedded SmolLM2-135M-Instruct), 'tiny', hub id or path
-    federation: str = "math,sql,classify,instruct"  # see fl_lota.partition.FederationSpec
+    federation: str = "math,sql,classify,instruct"  # see fl_lota.tasks.partition.FederationSpec
     method: str = "lota"  # lota | fft | lora
     merge: str = "mask_aware"  # the merge that makes the global model
     eval_merges: str = ""  # further merges scored on the same uploads each round, comma-separated
@@ -86,7 +86,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # training randomness: the order of each client's example stream, LoRA/random-mask init
     data_seed: int = 0  # which examples each task holds (generated samples, held-out splits)
-    verbose: bool = False  # clients keep the libraries' progress bars and messages (fl_lota.console)
+    verbose: bool = False  # clients keep the libraries' progress bars and messages (fl_lota.federated.console)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> RunConfigError:
@@ -289,7 +289,7 @@ class RunConfig:
         return {}
 
     def resolved_device(self) -> str:
-        """The device this process computes on (``fl_lota.device.resolve``: a GPU asked for
+        """The device this process computes on (``fl_lota.training.device.resolve``: a GPU asked for
         and not usable here is a DeviceError naming why)."""
         return str(devices.resolve(self.device))
 

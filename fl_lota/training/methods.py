@@ -14,13 +14,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import lowrank
-from .data import DataStream, Example
-from .lora import LoraOptions, lora_finetune
-from .lota import LotaConfig, calibrate, extract, lotto_frozen, scope_params, sparse_adapt
-from .masks import DEFAULT_SCOPE, Mask
-from .task_vector import SparseTaskVector
-from .train import TrainConfig, train
+from fl_lota.training.data import DataStream, Example
+from fl_lota.training.lora import LoraOptions, lora_finetune
+from fl_lota.training.lota import LotaConfig, calibrate, extract, lotto_frozen, scope_params, sparse_adapt
+from fl_lota.training.masks import DEFAULT_SCOPE, Mask
+from fl_lota.training.train import TrainConfig, train
+from fl_lota.vectors import lowrank
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 __all__ = ["FINETUNE_METHODS", "FinetuneResult", "finetune"]
 
@@ -35,7 +35,7 @@ class FinetuneResult:
     seconds: float
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     masks_history: list[Mask] = field(default_factory=list)  # iterative calibration
-    factors: SparseTaskVector | None = None  # lora: the update as low-rank factors (fl_lota.lowrank)
+    factors: SparseTaskVector | None = None  # lora: the update as low-rank factors (fl_lota.vectors.lowrank)
     seen: list[int] = field(default_factory=list)  # example indices trained on, in order (all phases)
     passes: int = 0  # batches through forward + backward, every phase (LoTA's calibration too)
     stream_start: int = 0  # stream positions read: [stream_start, stream_end)
@@ -139,7 +139,7 @@ def finetune(
     **options,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on ``examples`` with a registered method. Batches come
-    from position ``start`` of the seeded example stream (``fl_lota.data.stream_order``,
+    from position ``start`` of the seeded example stream (``fl_lota.training.data.stream_order``,
     seed ``stream_seed``, default ``cfg.seed``); the result records the examples seen and
     the forward/backward passes spent, calibration included."""
     if method not in FINETUNE_METHODS:

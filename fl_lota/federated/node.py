@@ -11,7 +11,7 @@ update ``trained - (base + G)``:
     lota, later rounds:                        sparse adapt on the same mask;
                                                values-only payload (the server holds the mask)
     fft:                                       dense payload, every round
-    lora:                                      the low-rank factors (fl_lota.lowrank), every round
+    lora:                                      the low-rank factors (fl_lota.vectors.lowrank), every round
 
 The mask is kept by the caller (Flower's node state) as the first round's payload bytes.
 """
@@ -27,17 +27,17 @@ from typing import TypeVar
 
 import torch
 
-from . import codec
-from . import device as devices
-from .data import client_stream_seed
-from .evaluate import evaluate
-from .methods import finetune
-from .models import load
-from .partition import ClientData, client_data
-from .prompting import to_examples
-from .protocol import EvalReport, TrainReport
-from .runconfig import RunConfig
-from .task_vector import SparseTaskVector
+from fl_lota.federated.protocol import EvalReport, TrainReport
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.tasks.evaluate import evaluate
+from fl_lota.tasks.partition import ClientData, client_data
+from fl_lota.tasks.prompting import to_examples
+from fl_lota.training import device as devices
+from fl_lota.training.data import client_stream_seed
+from fl_lota.training.methods import finetune
+from fl_lota.training.models import load
+from fl_lota.vectors import codec
+from fl_lota.vectors.task_vector import SparseTaskVector
 
 __all__ = ["LocalNode", "TrainOutcome", "load_base"]
 

@@ -64,7 +64,7 @@ def _per_name(prefix: str, kind: str) -> dict[str, object]:
     return {"key": prefix, "kind": kind, "optional": True, "prefix": True}
 
 
-# ---- the global update a payload builds (fl_lota.downlink) ----------------------------
+# ---- the global update a payload builds (fl_lota.federated.downlink) ----------------------------
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,24 @@ such single-task updates (how TIES's k and lambda are chosen), never on test dat
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from . import codec
-from .fedclient import LocalNode
-from .fedserver import Aggregator, Upload
-from .merge import merge
-from .partition import ClientData
-from .runconfig import RunConfig
-from .tasks import Task
+from fl_lota.compare.store import digest
+from fl_lota.federated.aggregator import Aggregator, Upload
+from fl_lota.federated.node import LocalNode
+from fl_lota.federated.runconfig import RunConfig
+from fl_lota.merging.merge import merge
+from fl_lota.tasks import Task
+from fl_lota.tasks.partition import ClientData
+from fl_lota.training import device as devices
+from fl_lota.vectors import codec
 
-__all__ = ["IsolatedResult", "isolated_run", "score_merge", "score_models", "validation_task"]
+__all__ = ["IsolatedResult", "isolated_run", "isolated_unit", "score_merge", "score_models", "validation_task"]
 
 
 @dataclass
@@ -125,3 +129,24 @@ def score_merge(
     train = [x for t in tasks for x in t.train[:1]]
     node = LocalNode(cfg, 0, ClientData(0, train, list(tasks)))
     return score_models(node, payloads)
+
+
+def isolated_unit(cfg: RunConfig, partition: int, task: Task, *, vector_path: Path | None = None) -> dict:
+    """``isolated_run`` as the comparison stores it: scores, budget, seconds, the update's
+    size and digest (``vector_path``: the update itself beside it) and the machine."""
+    res = isolated_run(cfg, partition, task)
+    if vector_path is not None:
+        vector_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = vector_path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_bytes(res.payload)
+        os.replace(tmp, vector_path)
+    return {
+        "scores": res.scores,
+        "passes": res.passes,
+        "examples": res.examples,
+        "train_seconds": res.train_seconds,
+        "eval_seconds": res.eval_seconds,
+        "update_bytes": len(res.payload),
+        "update_digest": digest(res.payload),
+        "machine": devices.machine(devices.resolve(cfg.device)),
+    }

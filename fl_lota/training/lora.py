@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .train import TrainConfig, TrainStats, train
+from fl_lota.training.train import TrainConfig, TrainStats, train
 
 __all__ = ["LoraOptions", "LoraResult", "lora_finetune"]
 

@@ -1,7 +1,7 @@
 """What a person reads while a federation runs: the ServerApp's lines, not the libraries'.
 
 A client under the Ray simulation writes into the run's log (every line prefixed with its
-actor), so its processes stay quiet: no progress bars (``fl_lota.train`` draws one only on a
+actor), so its processes stay quiet: no progress bars (``fl_lota.training.train`` draws one only on a
 terminal), and transformers, datasets and the hub say nothing below ERROR. The server logs,
 per client and round, one line per phase with its seconds and loss (``server/book.py``). The
 run-config key ``verbose`` (``fl-lota run --verbose``) leaves the libraries as they are.

@@ -14,7 +14,7 @@ in the record, and once its parent is stopped it is reparented out of reach of t
 everything it starts from then on inherits the tag, and the watchdog's final sweep stops the
 processes carrying it (and the descendants of the recorded ones) wherever they now hang.
 
-    python -m fl_lota.reaper PID [--interval 1] [--grace 5] [--tag TAG]
+    python -m fl_lota.federated.reaper PID [--interval 1] [--grace 5] [--tag TAG]
 """
 
 from __future__ import annotations
@@ -46,7 +46,16 @@ def watch(
     however it is reparented."""
     own = pid is None or pid == os.getpid()
     pid = os.getpid() if pid is None else pid
-    cmd = [sys.executable, "-m", "fl_lota.reaper", str(pid), "--interval", str(interval), "--grace", str(grace)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fl_lota.federated.reaper",
+        str(pid),
+        "--interval",
+        str(interval),
+        "--grace",
+        str(grace),
+    ]
     if own:
         tag = secrets.token_hex(8)
         os.environ[TAG] = tag
@@ -146,7 +155,7 @@ def stop(seen: dict[int, float], *, grace: float = 5.0) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fl_lota.reaper", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fl_lota.federated.reaper", description=__doc__.split("\n\n")[0])
     parser.add_argument("pid", type=int)
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--grace", type=float, default=5.0)

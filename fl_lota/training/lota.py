@@ -16,9 +16,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .masks import DEFAULT_SCOPE, MASK_SELECTORS, Mask, extract_mask, scope_names, union
-from .task_vector import SparseTaskVector, SparseTensor
-from .train import TrainConfig, TrainStats, train
+from fl_lota.training.masks import DEFAULT_SCOPE, MASK_SELECTORS, Mask, extract_mask, scope_names, union
+from fl_lota.training.train import TrainConfig, TrainStats, train
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 __all__ = ["LotaConfig", "calibrate", "extract", "scope_params", "sparse_adapt"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .data import Example
-from .tasks.base import Sample
+from fl_lota.tasks.base import Sample
+from fl_lota.training.data import Example
 
 __all__ = ["format_prompt", "to_examples"]
 
