@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fl_lota.federated.launch import RunFailed, executable, free_port, run_status, toml_overrides
+from fl_lota.federated.launch import RunFailed, executable, free_port, run_config_file, wait_finished
 
 __all__ = ["Federation", "probe_superlink", "write_creds"]
 
@@ -293,35 +293,26 @@ class Federation:
 
     def run(self, app: str | Path, run_config: dict[str, object], timeout: float = 1800) -> dict:
         """``flwr run`` on this federation; returns the run's status record, raises
-        RuntimeError (with the logs) unless it completed."""
-        fd, cfg_path = tempfile.mkstemp(suffix=".toml")
-        with os.fdopen(fd, "w") as f:
-            f.write(toml_overrides(run_config))
-        try:
-            r = self.flwr("run", str(app), "fl-lota-deploy", "--run-config", cfg_path, "--format", "json", timeout=120)
-        finally:
-            os.unlink(cfg_path)
+        RunFailed (with the logs) unless it completed."""
+        with run_config_file(run_config) as cfg_path:
+            args = ["run", str(app), "fl-lota-deploy", "--format", "json"]
+            r = self.flwr(*args, *(["--run-config", cfg_path] if cfg_path else []), timeout=120)
         try:
             run_id = str(json.loads(r.stdout)["run-id"])
         except (json.JSONDecodeError, KeyError):
-            raise RuntimeError(f"flwr run failed to submit: {r.stdout[-1500:]} {r.stderr[-1500:]}") from None
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
+            raise RunFailed(f"flwr run failed to submit: {r.stdout[-1500:]} {r.stderr[-1500:]}") from None
+
+        def alive() -> str | None:
             dead = [p for p in self.procs if p.poll() is not None]
-            if dead:
-                logs = "\n".join(self.log(p.name) for p in sorted(self.workdir.glob("*.log")))
-                raise RuntimeError(f"{len(dead)} federation process(es) exited during run {run_id}:\n{logs}")
-            try:
-                status = run_status(run_id, self.env) or {}
-            except RunFailed:  # the SuperLink busy or restarting: ask again
-                status = {}
-            if str(status.get("status", "")).startswith("finished"):
-                if status["status"] != "finished:completed":
-                    logs = "\n".join(self.log(p.name) for p in sorted(self.workdir.glob("*.log")))
-                    raise RuntimeError(f"run {run_id} ended {status['status']}: {status.get('status-details')}\n{logs}")
-                return status
-            time.sleep(2.0)
-        raise RuntimeError(f"run {run_id} did not finish within {timeout:.0f} s")
+            return f"{len(dead)} federation process(es) exited:\n{self._logs()}" if dead else None
+
+        try:
+            return wait_finished(run_id, self.env, timeout=timeout, interval=2.0, alive=alive)
+        except RunFailed as e:
+            raise RunFailed(f"{e}\n{self._logs()}") from None
+
+    def _logs(self) -> str:
+        return "\n".join(self.log(p.name) for p in sorted(self.workdir.glob("*.log")))
 
     def stop(self) -> None:
         for p in reversed(self.procs):

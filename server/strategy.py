@@ -7,8 +7,10 @@ since the version its node holds (``fl_lota.federated.downlink``: the whole upda
 holds none); replies are parsed and checked one by one and their FLTV payloads decoded and
 merged by ``fl_lota.federated.aggregator.Aggregator``; each round's bytes, as counted on the actual
 messages (``count_bytes()``), and scores go to a ``RoundBook`` that writes
-``metrics.jsonl``. ``run`` drives the rounds itself (Flower's ``Strategy.start`` always
-begins at round 1 and has no hook to checkpoint a round) so that a run can resume.
+``metrics.jsonl``. The rounds run in Flower's own loop (``Strategy.start``): the arrays
+``aggregate_train`` returns (the whole G) flow to the next ``configure_*`` as Flower passes
+them, each round ends with a checkpoint, and a resumed run counts Flower's rounds on from
+where it stopped.
 """
 
 from __future__ import annotations
@@ -83,27 +85,25 @@ class LotaFedAvg(FedAvg):
         self.run_tag = uuid.uuid4().hex  # names this run's client state (kept across resumes)
         self._t: dict[str, float] = {}
         self._candidates: dict[str, bytes] = {}  # further merges' G, sent whole for scoring
+        self._offset = 0  # rounds done before Flower's round 1 (a resumed run)
+        self._checkpoint_dir: Path | None = None
 
     # ---- the rounds, with a checkpoint after each ---------------------------------------
 
     def run(self, grid: Grid, *, first_round: int = 1, checkpoint_dir: Path | None = None) -> None:
-        """Rounds ``first_round .. num-server-rounds``: Flower's train / evaluate cycle (as in
-        ``Strategy.start``), then the server state is checkpointed atomically."""
-        # no arrays go into Flower's shared record: G goes to each node as its own change (_to_nodes)
-        for rnd in range(first_round, self.cfg.num_server_rounds + 1):
-            log(INFO, "[ROUND %s/%s]", rnd, self.cfg.num_server_rounds)
-            replies = grid.send_and_receive(
-                messages=self.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid),
-                timeout=self.cfg.round_timeout,
-            )
-            self.aggregate_train(rnd, replies)
-            replies = grid.send_and_receive(
-                messages=self.configure_evaluate(rnd, ArrayRecord(), ConfigRecord(), grid),
-                timeout=self.cfg.round_timeout,
-            )
-            self.aggregate_evaluate(rnd, replies)
-            if checkpoint_dir is not None:
-                save_checkpoint(checkpoint_dir, self.checkpoint(rnd))
+        """Rounds ``first_round .. num-server-rounds`` through Flower's own loop
+        (``Strategy.start``); each round ends with the server state checkpointed atomically
+        (``aggregate_evaluate``). Flower counts a resumed run's rounds from 1: the methods
+        below add the rounds done before (``_offset``)."""
+        self._offset, self._checkpoint_dir = first_round - 1, checkpoint_dir
+        remaining = self.cfg.num_server_rounds - self._offset
+        if remaining < 1:
+            return
+        if self._offset:
+            log(INFO, "resuming after round %d: Flower's round 1 is round %d", self._offset, first_round)
+        # G goes to each node as its own change (_to_nodes); the arrays Flower carries from
+        # round to round are the whole G as aggregate_train returns it
+        self.start(grid, payload_record(self.aggregator.global_payload), remaining, timeout=self.cfg.round_timeout)
 
     def checkpoint(self, server_round: int) -> Checkpoint:
         return Checkpoint(
@@ -156,6 +156,7 @@ class LotaFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self._offset
         self._t = {"round-start": time.perf_counter()}
         self._online = {str(n) for n in grid.get_node_ids()}  # partitions of nodes that left may be taken over
         # Flower samples the nodes; what each is sent is built per node (_to_nodes)
@@ -179,6 +180,7 @@ class LotaFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self._offset
         t_recv = time.perf_counter()
         valid, errors = _split(replies)
         self._track(valid, errors)
@@ -273,6 +275,7 @@ class LotaFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self._offset
         self._t["eval-start"] = time.perf_counter()
         if not self.is_eval_round(server_round):
             return []
@@ -302,6 +305,7 @@ class LotaFedAvg(FedAvg):
             log(INFO, "%s", line)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self._offset
         valid, errors = _split(replies)
         self._track(valid, errors)
         for msg in errors:
@@ -338,5 +342,7 @@ class LotaFedAvg(FedAvg):
             eval_wall=now - self._t.get("eval-start", now), round_wall=now - self._t.get("round-start", now)
         )
         log(INFO, "%s", self.book.round_line(row))
+        if self._checkpoint_dir is not None:  # the round is over: what a resume starts from
+            save_checkpoint(self._checkpoint_dir, self.checkpoint(server_round))
         means = {f"score-mean@{m}": v for m, v in row["mean_score"].items()}
         return MetricRecord(means) if means else None

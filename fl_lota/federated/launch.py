@@ -14,6 +14,7 @@ says otherwise; ``flwr_home`` isolates its state (tests use a temporary one and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,12 @@ __all__ = [
     "executable",
     "free_port",
     "launch",
+    "run_config_file",
     "run_status",
     "stop_local_superlink",
     "stop_run",
     "toml_overrides",
+    "wait_finished",
 ]
 
 
@@ -79,6 +82,52 @@ def _toml_value(v: object) -> str:
 
 def toml_overrides(config: Mapping[str, object]) -> str:
     return "".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items())
+
+
+@contextlib.contextmanager
+def run_config_file(config: Mapping[str, object]) -> Iterator[str | None]:
+    """A temporary TOML file holding ``config`` for ``flwr run --run-config`` (None when
+    ``config`` is empty), removed afterwards."""
+    if not config:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(suffix=".toml", prefix="fl-lota-run-config-")
+    with os.fdopen(fd, "w") as f:
+        f.write(toml_overrides(config))
+    try:
+        yield path
+    finally:
+        os.unlink(path)
+
+
+def wait_finished(
+    run_id: str,
+    env: dict[str, str],
+    *,
+    timeout: float,
+    interval: float = 1.0,
+    alive: Callable[[], str | None] | None = None,
+) -> dict:
+    """Poll ``flwr list`` until run ``run_id`` has finished; returns its status record.
+    Raises RunFailed when it did not complete (with Flower's reason), is not listed, takes
+    longer than ``timeout`` seconds, or when ``alive()`` names something that died."""
+    t0 = time.monotonic()
+    while True:
+        if alive is not None and (dead := alive()):
+            raise RunFailed(f"run {run_id}: {dead}")
+        try:
+            status = run_status(run_id, env)
+        except RunFailed:  # the SuperLink busy or restarting: ask again
+            status = {}
+        if status is None:
+            raise RunFailed(f"run {run_id} not listed by 'flwr list'")
+        if str(status.get("status", "")).startswith("finished"):
+            if status["status"] != "finished:completed":
+                raise RunFailed(f"run {run_id} ended as {status['status']}: {status.get('status-details')}")
+            return status
+        if time.monotonic() - t0 > timeout:
+            raise RunFailed(f"run {run_id} did not finish within {timeout:.0f} s")
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -148,17 +197,13 @@ def launch(
     merged |= dict(run_config or {})
     env = _env(flwr_home)
     cmd = [*_flwr(), "run", str(app), "--stream"]
-    overrides = None
-    if merged:
-        fd, overrides = tempfile.mkstemp(suffix=".toml", prefix="fl-lota-run-config-")
-        with os.fdopen(fd, "w") as f:
-            f.write(toml_overrides(merged))
-        cmd += ["--run-config", overrides]
     if federation_config:
         cmd += ["--federation-config", " ".join(f"{k}={_toml_value(v)}" for k, v in federation_config.items())]
     t0 = time.perf_counter()
     lines: list[str] = []
-    try:
+    with run_config_file(merged) as overrides:
+        if overrides is not None:
+            cmd += ["--run-config", overrides]
         with subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         ) as proc:
@@ -180,26 +225,13 @@ def launch(
                 proc.kill()
                 _stop(_run_id(lines), env)
                 raise
-    finally:
-        if overrides is not None:
-            os.unlink(overrides)
     text = "".join(lines)
-    m = re.search(r"Successfully started run (\d+)", text)
-    if not m:
+    run_id = _run_id(lines)
+    if run_id is None:
         raise RunFailed(f"flwr run did not start a run (exit {proc.returncode}):\n{text[-3000:]}")
-    run_id = m.group(1)
-    status = {}
-    for _ in range(120):  # the stream can end a moment before the status is final
-        status = run_status(run_id, env)
-        if status is None:
-            raise RunFailed(f"run {run_id} not listed by 'flwr list'")
-        if str(status.get("status", "")).startswith("finished"):
-            break
-        time.sleep(1.0)
-    seconds = time.perf_counter() - t0
-    if status.get("status") != "finished:completed":
-        raise RunFailed(f"run {run_id} ended as {status.get('status')}: {status.get('status-details')}")
-    return RunOutcome(run_id, status["status"], seconds, text)
+    # the stream can end a moment before the status is final
+    status = wait_finished(run_id, env, timeout=120)
+    return RunOutcome(run_id, status["status"], time.perf_counter() - t0, text)
 
 
 def _run_id(lines: list[str]) -> str | None:
