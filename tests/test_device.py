@@ -255,3 +255,18 @@ def test_a_lora_client_serves_the_next_round_after_a_failed_one(monkeypatch):
         node.train(EMPTY)
     monkeypatch.setattr(lora, "train", real)
     assert node.train(EMPTY).payload == expected  # no adapter left behind in the kept model
+
+
+@no_gpu
+def test_the_commands_name_an_unusable_device_without_a_traceback(capsys):
+    """A device the machine lacks is a usage error (a ValueError): the command says which
+    setting to change and exits 2, no traceback."""
+    from fl_lota.tune import main
+
+    with pytest.raises(SystemExit) as e:
+        main(
+            ["--task", "math", "--model", "tiny", "--device", "cuda", "--steps", "1", "--n-train", "4", "--n-test", "2"]
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda'" in err and "Traceback" not in err

@@ -36,7 +36,7 @@ _SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 SHARE_HINT = "client-resources-num-gpus"
 
 
-class DeviceError(RuntimeError):
+class DeviceError(ValueError):
     """The run config names a device this process cannot use; the message says why and
     which setting to change."""
 
