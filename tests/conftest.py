@@ -46,3 +46,12 @@ def mean_loss(model, examples, pad_id: int = PAD) -> float:
     batch = collate(examples, pad_id)
     model.eval()
     return float(model(**batch).loss)
+
+
+@pytest.fixture(scope="module")
+def flwr_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flwr-home")
+    yield home
+    from fl_lota.federated.launch import stop_local_superlink
+
+    stop_local_superlink(home)
