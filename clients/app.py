@@ -19,7 +19,7 @@ from fl_lota.federated.node import LocalNode
 from fl_lota.federated.protocol import EvalInstruction, GlobalRef, TrainInstruction
 from fl_lota.federated.runconfig import RunConfig
 from fl_lota.vectors.task_vector import SparseTaskVector
-from wire import ARRAYS, METRICS, PAYLOAD, config_of, payload_record, payloads, record
+from wire import ARRAYS, METRICS, PAYLOAD, config_of, payload_record, payloads, primary, record
 
 app = ClientApp()
 
@@ -86,9 +86,9 @@ def global_update(cfg: RunConfig, payload: bytes, ref: GlobalRef, context: Conte
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     node = _node(context)
-    received = payloads(record(msg, ARRAYS, ArrayRecord))
+    received = record(msg, ARRAYS, ArrayRecord)
     todo = TrainInstruction.from_config(config_of(msg))
-    g = global_update(node.cfg, received[""], todo.g, context)
+    g = global_update(node.cfg, primary(received), todo.g, context)
     kept = context.state.array_records.get(MASK)
     mask_payload = payloads(kept)[""] if kept is not None and PAYLOAD in kept else node.load_mask(todo.run_tag)
     out = node.train(

@@ -304,10 +304,10 @@ class Federation:
 
         def alive() -> str | None:
             dead = [p for p in self.procs if p.poll() is not None]
-            return f"{len(dead)} federation process(es) exited:\n{self._logs()}" if dead else None
+            return f"{len(dead)} federation process(es) exited" if dead else None
 
         try:
-            return wait_finished(run_id, self.env, timeout=timeout, interval=2.0, alive=alive)
+            return wait_finished(run_id, self.env, timeout=timeout, interval=2.0, alive=alive, patient=True)
         except RunFailed as e:
             raise RunFailed(f"{e}\n{self._logs()}") from None
 

@@ -39,7 +39,7 @@ from fl_lota.federated.protocol import (
     TrainReport,
 )
 from fl_lota.federated.runconfig import RESUME_MAY_CHANGE, RunConfig
-from wire import ARRAYS, CONFIG, content_bytes, metrics_of, payload_record, payloads, record
+from wire import ARRAYS, CONFIG, content_bytes, metrics_of, payload_record, primary, record
 
 from . import updates
 from .book import RoundBook
@@ -185,13 +185,14 @@ class LotaFedAvg(FedAvg):
         valid, errors = _split(replies)
         self._track(valid, errors)
         for msg in errors:
+            log(WARNING, "round %d: client %s failed: %s", server_round, msg.metadata.src_node_id, msg.error.reason)
             self.book.failure(msg.metadata.src_node_id, msg.error.reason)
         uploads = []
         for msg in valid:
             node = msg.metadata.src_node_id
             try:  # one guarded path per reply: whatever is wrong with it, only it is refused
                 arrays = record(msg, ARRAYS, ArrayRecord)
-                payload = payloads(arrays)[""]
+                payload = primary(arrays)
                 report = TrainReport.from_metrics(
                     metrics_of(msg),
                     num_clients=self.num_clients,
@@ -309,7 +310,9 @@ class LotaFedAvg(FedAvg):
         valid, errors = _split(replies)
         self._track(valid, errors)
         for msg in errors:
-            self.book.failure(msg.metadata.src_node_id, f"evaluate: {msg.error.reason}")
+            node, why = msg.metadata.src_node_id, msg.error.reason
+            log(WARNING, "round %d: client %s failed to evaluate: %s", server_round, node, why)
+            self.book.failure(node, f"evaluate: {why}")
         scored: set[int] = set()
         for msg in valid:
             node = msg.metadata.src_node_id

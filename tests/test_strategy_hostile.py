@@ -13,7 +13,7 @@ pytest.importorskip("flwr")
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from test_federated import sparse_tv
-from test_strategy import Reply, eval_metrics, make, train_reply
+from test_strategy import Err, Reply, eval_metrics, make, train_reply
 
 from fl_lota.vectors import codec
 from wire import PAYLOAD, fltv_array
@@ -272,3 +272,18 @@ def test_an_owner_keeps_or_gets_back_its_partition(tmp_path):
         ],
     )
     assert book3.row["accepted"] == 2 and fresh.aggregator.owners == {0: "31", 1: "32"}
+
+
+def test_a_reply_without_its_payload_and_a_failed_client_are_named(tmp_path, monkeypatch):
+    import server.strategy as strategy_module
+
+    lines: list[str] = []
+    monkeypatch.setattr(strategy_module, "log", lambda level, fmt, *args: lines.append(fmt % args))
+    strategy, book = make(tmp_path)
+    book.start_round(1, {11: 1, 12: 1, 13: 1})
+    good = train_reply(11, codec.encode(sparse_tv(1)), 0)
+    empty = train_reply(12, codec.encode(sparse_tv(2)), 1)
+    empty.content["arrays"] = ArrayRecord()
+    strategy.aggregate_train(1, [good, empty, Reply(13, error=Err("out of memory on node 13"))])
+    assert book.row["accepted"] == 1 and "carry no 'fltv' payload" in book.row["rejected"]["12"]
+    assert "round 1: client 13 failed: out of memory on node 13" in lines  # on the console, not only in the books

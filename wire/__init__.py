@@ -30,6 +30,7 @@ __all__ = [
     "metrics_of",
     "payload_record",
     "payloads",
+    "primary",
     "record",
 ]
 
@@ -69,6 +70,14 @@ def config_of(msg: Message) -> dict[str, object]:
 def metrics_of(msg: Message) -> dict[str, object]:
     """The message's metrics record as a plain map (parse it with ``<Report>.from_metrics``)."""
     return dict(record(msg, METRICS, MetricRecord))
+
+
+def primary(record: ArrayRecord) -> bytes:
+    """The record's primary payload (key ``fltv``); raises ProtocolError when it has none."""
+    found = payloads(record)
+    if "" not in found:
+        raise ProtocolError(f"the arrays carry no {PAYLOAD!r} payload (keys {sorted(record)})")
+    return found[""]
 
 
 def payloads(record: ArrayRecord) -> dict[str, bytes]:

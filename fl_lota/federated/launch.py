@@ -107,20 +107,27 @@ def wait_finished(
     timeout: float,
     interval: float = 1.0,
     alive: Callable[[], str | None] | None = None,
+    patient: bool = False,
 ) -> dict:
     """Poll ``flwr list`` until run ``run_id`` has finished; returns its status record.
-    Raises RunFailed when it did not complete (with Flower's reason), is not listed, takes
-    longer than ``timeout`` seconds, or when ``alive()`` names something that died."""
+    Raises RunFailed when it did not complete (with Flower's reason), takes longer than
+    ``timeout`` seconds, or when ``alive()`` names something that died. A status that
+    cannot be read, or a run not listed, raises at once unless ``patient`` (a SuperLink
+    that is busy or restarting: ask again until ``timeout``)."""
     t0 = time.monotonic()
     while True:
         if alive is not None and (dead := alive()):
             raise RunFailed(f"run {run_id}: {dead}")
         try:
             status = run_status(run_id, env)
-        except RunFailed:  # the SuperLink busy or restarting: ask again
+        except RunFailed:
+            if not patient:
+                raise
             status = {}
         if status is None:
-            raise RunFailed(f"run {run_id} not listed by 'flwr list'")
+            if not patient:
+                raise RunFailed(f"run {run_id} not listed by 'flwr list'")
+            status = {}
         if str(status.get("status", "")).startswith("finished"):
             if status["status"] != "finished:completed":
                 raise RunFailed(f"run {run_id} ended as {status['status']}: {status.get('status-details')}")
@@ -230,7 +237,7 @@ def launch(
     if run_id is None:
         raise RunFailed(f"flwr run did not start a run (exit {proc.returncode}):\n{text[-3000:]}")
     # the stream can end a moment before the status is final
-    status = wait_finished(run_id, env, timeout=120)
+    status = wait_finished(run_id, env, timeout=600)
     return RunOutcome(run_id, status["status"], time.perf_counter() - t0, text)
 
 
