@@ -63,12 +63,12 @@ def global_update(cfg: RunConfig, payload: bytes, ref: GlobalRef, context: Conte
     state = context.state
     records = state.array_records
     held_digest = state.config_records[HELD_DIGEST]["digest"] if HELD_DIGEST in state.config_records else None
-    layout = payloads(records[HELD])[""] if held_digest is not None and HELD in records else None
+    layout = primary(records[HELD]) if held_digest is not None and HELD in records else None
     held = None
     if layout is not None:
         held = _DECODED.get(str(held_digest))
         if held is None:
-            held = held_from(layout, payloads(records[HELD_VALUES])[""] if HELD_VALUES in records else None)
+            held = held_from(layout, primary(records[HELD_VALUES]) if HELD_VALUES in records else None)
     g, digest = receive(held, None if held is None else str(held_digest), payload, ref)
     if digest != held_digest:
         layout, values = to_keep(layout, g, payload, ref, cfg.values)
@@ -90,7 +90,7 @@ def train(msg: Message, context: Context) -> Message:
     todo = TrainInstruction.from_config(config_of(msg))
     g = global_update(node.cfg, primary(received), todo.g, context)
     kept = context.state.array_records.get(MASK)
-    mask_payload = payloads(kept)[""] if kept is not None and PAYLOAD in kept else node.load_mask(todo.run_tag)
+    mask_payload = primary(kept) if kept is not None and PAYLOAD in kept else node.load_mask(todo.run_tag)
     out = node.train(
         g,
         mask_payload,

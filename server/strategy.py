@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -84,7 +84,6 @@ class LotaFedAvg(FedAvg):
         self.downlink = Downlink(cfg.values)  # what each node holds of G, and the change it needs
         self.run_tag = uuid.uuid4().hex  # names this run's client state (kept across resumes)
         self._t: dict[str, float] = {}
-        self._candidates: dict[str, bytes] = {}  # further merges' G, sent whole for scoring
         self._offset = 0  # rounds done before Flower's round 1 (a resumed run)
         self._checkpoint_dir: Path | None = None
 
@@ -135,12 +134,15 @@ class LotaFedAvg(FedAvg):
         self.run_tag = ckpt.extra.get("run_tag", self.run_tag)
 
     def _to_nodes(
-        self, messages: list[Message], instruction: Callable[[str, GlobalRef], TrainInstruction | EvalInstruction]
+        self,
+        messages: list[Message],
+        instruction: Callable[[str, GlobalRef], TrainInstruction | EvalInstruction],
+        candidates: Mapping[str, bytes] | None = None,
     ) -> list[Message]:
         """Each message its own content (FedAvg gives all of them one RecordDict): G as the
         change from the version its node holds, the further merges' G (``candidates``,
         whole) and ``instruction(node, what the payload builds)`` as its config."""
-        candidates = self._candidates
+        candidates = candidates or {}
         for m in messages:
             node = str(m.metadata.dst_node_id)
             sent = self.downlink.for_node(node)
@@ -161,7 +163,6 @@ class LotaFedAvg(FedAvg):
         self._online = {str(n) for n in grid.get_node_ids()}  # partitions of nodes that left may be taken over
         # Flower samples the nodes; what each is sent is built per node (_to_nodes)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        self._candidates = {}
         messages = self._to_nodes(
             messages,
             lambda node, g: TrainInstruction(
@@ -290,8 +291,8 @@ class LotaFedAvg(FedAvg):
             if str(m.metadata.dst_node_id) in owners
         ]
         # G goes to each node as its own change; the further merges' G whole, to be scored once
-        self._candidates = {n: p for n, p in self.aggregator.candidates.items() if n != self.cfg.merge}
-        messages = self._to_nodes(messages, lambda node, g: EvalInstruction(server_round, self.cfg.merge, g))
+        further = {n: p for n, p in self.aggregator.candidates.items() if n != self.cfg.merge}
+        messages = self._to_nodes(messages, lambda node, g: EvalInstruction(server_round, self.cfg.merge, g), further)
         self.book.eval_sent({m.metadata.dst_node_id: content_bytes(m.content) for m in messages})
         return messages
 

@@ -228,16 +228,12 @@ class Aggregator:
             "values_only": values_only,
             "nnz": layout.nnz,
             "numel": tv.numel,
-            "index_entropy_bytes": 0.0
-            if values_only
-            else sum(codec.index_entropy_bits(t.numel, t.nnz) for t in layout.values() if not t.is_dense) / 8,
+            "index_entropy_bytes": 0.0 if values_only else codec.index_entropy_bytes(layout),
         }
-        claims = up.report.to_metrics() if up.report is not None else {}
         for key, field_name in (("payload_bytes", "payload-bytes"), ("nnz", "nnz"), ("values_only", "values-only")):
-            if field_name in claims and claims[field_name] != float(m[key]):
-                raise UploadError(
-                    f"client {up.client}: reports {field_name} {claims[field_name]:g}, its upload holds {m[key]:g}"
-                )
+            claim = getattr(up.report, key) if up.report is not None else m[key]
+            if claim != m[key]:
+                raise UploadError(f"client {up.client}: reports {field_name} {claim:g}, its upload holds {m[key]:g}")
         self._measured[up.client] = m
 
     def _check_against_model(self, client: str, tv: SparseTaskVector) -> None:

@@ -283,7 +283,7 @@ class LocalNode:
             numel=res.delta.numel,
             payload_bytes=len(payload),
             values_only=values_only,
-            index_entropy_bytes=0.0 if values_only else _index_entropy_bytes(upload),
+            index_entropy_bytes=0.0 if values_only else codec.index_entropy_bytes(upload),
             eval_seconds=eval_s,
             gpu_peak_bytes=self._peak(),
             phase_seconds=dict(res.phases),
@@ -318,8 +318,3 @@ class LocalNode:
 
 def _decoded(update: bytes | SparseTaskVector) -> SparseTaskVector:
     return update if isinstance(update, SparseTaskVector) else codec.decode(update)
-
-
-def _index_entropy_bytes(tv: SparseTaskVector) -> float:
-    """The mask's entropy bound in bytes: what any index code needs at least."""
-    return sum(codec.index_entropy_bits(t.numel, t.nnz) for t in tv.values() if not t.is_dense) / 8

@@ -64,40 +64,51 @@ def _per_name(prefix: str, kind: str) -> dict[str, object]:
     return {"key": prefix, "kind": kind, "optional": True, "prefix": True}
 
 
-# ---- the global update a payload builds (fl_lota.federated.downlink) ----------------------------
+# ---- server -> client: config records ----------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GlobalRef:
-    """The change a message carries of ``G``: from the version with digest ``base`` (EMPTY:
-    from nothing) to the one with digest ``digest``; ``mode`` "entries" (indices and
-    values) or "values" (``G``'s values on the support the client holds)."""
-
-    base: str = field(metadata={"key": "g-base"})
-    digest: str = field(metadata={"key": "g-digest"})
-    mode: str = field(default="entries", metadata={"key": "g-mode"})
-
-    def __post_init__(self) -> None:
-        if not self.base or not self.digest:
-            raise ProtocolError("the global update's g-base and g-digest must not be empty")
-        if self.mode not in MODES:
-            raise ProtocolError(f"field 'g-mode': {self.mode!r} is none of {MODES}")
-
-    def to_config(self) -> dict[str, str]:
-        return {"g-base": self.base, "g-digest": self.digest, "g-mode": self.mode}
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, object]) -> GlobalRef:
-        return cls(**{f.name: _text(raw, f.metadata["key"]) for f in dataclasses.fields(cls)})
+def _cfg(key: str, kind: type, *, default: Any = dataclasses.MISSING, sparse: bool = False):
+    """A config field on the wire: its key and Python type; ``sparse``: written only when it
+    differs from its default (and then absent on the wire means the default)."""
+    meta = {"key": key, "type": kind, "sparse": sparse}
+    return field(metadata=meta) if default is dataclasses.MISSING else field(default=default, metadata=meta)
 
 
-def _text(raw: Mapping[str, object], key: str) -> str:
-    if key not in raw:
-        raise ProtocolError(f"field {key!r} is missing")
-    v = raw[key]
-    if not isinstance(v, str):
-        raise ProtocolError(f"field {key!r}: expected a string, got {type(v).__name__}")
-    return v
+def _to_config(obj) -> dict[str, object]:
+    """The flat record of ``obj``: its own keys, then its nested fields' keys."""
+    own: dict[str, object] = {}
+    nested: dict[str, object] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if "nested" in f.metadata:
+            nested |= _to_config(v)
+        elif not (f.metadata["sparse"] and v == f.default):
+            own[f.metadata["key"]] = v
+    return own | nested
+
+
+def _config_keys(cls) -> set[str]:
+    return {
+        k
+        for f in dataclasses.fields(cls)
+        for k in (_config_keys(f.metadata["nested"]) if "nested" in f.metadata else {f.metadata["key"]})
+    }
+
+
+def _from_config(cls, raw: Mapping[str, object], *, whole: bool = True):
+    """``cls`` from its flat record; ``whole``: the record holds nothing else. A key is
+    required unless sparse; a missing, unknown or ill-typed key is a ProtocolError."""
+    if whole:
+        unknown = sorted(set(raw) - _config_keys(cls))
+        if unknown:
+            raise ProtocolError(f"unknown field(s) {unknown}; this protocol knows {sorted(_config_keys(cls))}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if "nested" in f.metadata:
+            values[f.name] = _from_config(f.metadata["nested"], raw, whole=False)
+        elif f.metadata["key"] in raw or not f.metadata["sparse"]:
+            values[f.name] = _typed(raw, f.metadata["key"], f.metadata["type"])
+    return cls(**values)
 
 
 def _typed(raw: Mapping[str, object], key: str, kind: type):
@@ -109,72 +120,59 @@ def _typed(raw: Mapping[str, object], key: str, kind: type):
     return v
 
 
-# ---- server -> client ------------------------------------------------------------------
+class _ConfigRecord:
+    """``to_config`` / ``from_config`` from the fields' metadata (keys named once)."""
 
-_REF_KEYS = ("g-base", "g-digest", "g-mode")
+    def to_config(self) -> dict[str, object]:
+        return _to_config(self)
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, object]):
+        return _from_config(cls, raw)
 
 
 @dataclass(frozen=True)
-class TrainInstruction:
+class GlobalRef(_ConfigRecord):
+    """The change a message carries of ``G``: from the version with digest ``base`` (EMPTY:
+    from nothing) to the one with digest ``digest``; ``mode`` "entries" (indices and
+    values) or "values" (``G``'s values on the support the client holds)."""
+
+    base: str = _cfg("g-base", str)
+    digest: str = _cfg("g-digest", str)
+    mode: str = _cfg("g-mode", str, default="entries")
+
+    def __post_init__(self) -> None:
+        if not self.base or not self.digest:
+            raise ProtocolError("the global update's g-base and g-digest must not be empty")
+        if self.mode not in MODES:
+            raise ProtocolError(f"field 'g-mode': {self.mode!r} is none of {MODES}")
+
+
+@dataclass(frozen=True)
+class TrainInstruction(_ConfigRecord):
     """A training message's config: the round (picks where in its example stream a client
     continues), the run (names its client state), what to score besides training, whether
     to register the mask again (the server holds none for this client), and ``g``: which
     global update the message's payload builds."""
 
-    server_round: int  # "server-round": Flower's FedAvg writes it
-    run_tag: str  # "fl-lota-run"
-    g: GlobalRef
-    eval_start: bool = False  # "eval-start": score the received model
-    eval_local: bool = False  # "eval-local": score the locally tuned model
-    register_mask: bool = False  # "register-mask": send a full upload
-
-    def to_config(self) -> dict[str, int | str | bool]:
-        out: dict[str, int | str | bool] = {
-            "server-round": self.server_round,
-            "fl-lota-run": self.run_tag,
-            "eval-start": self.eval_start,
-            "eval-local": self.eval_local,
-        }
-        if self.register_mask:  # only where asked: the other messages stay as they were
-            out["register-mask"] = True
-        return out | self.g.to_config()
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, object]) -> TrainInstruction:
-        _no_unknown(raw, {"server-round", "fl-lota-run", "eval-start", "eval-local", "register-mask", *_REF_KEYS})
-        return cls(
-            server_round=_typed(raw, "server-round", int),
-            run_tag=_typed(raw, "fl-lota-run", str),
-            g=GlobalRef.from_config(raw),
-            eval_start=_typed(raw, "eval-start", bool),
-            eval_local=_typed(raw, "eval-local", bool),
-            register_mask=_typed(raw, "register-mask", bool) if "register-mask" in raw else False,
-        )
+    server_round: int = _cfg("server-round", int)  # Flower's FedAvg writes it too
+    run_tag: str = _cfg("fl-lota-run", str)
+    g: GlobalRef = field(metadata={"nested": GlobalRef})  # its fields travel flat in this record
+    eval_start: bool = _cfg("eval-start", bool, default=False)  # score the received model
+    eval_local: bool = _cfg("eval-local", bool, default=False)  # score the locally tuned model
+    # send a full upload; only where asked, so the other messages stay as they were
+    register_mask: bool = _cfg("register-mask", bool, default=False, sparse=True)
 
 
 @dataclass(frozen=True)
-class EvalInstruction:
+class EvalInstruction(_ConfigRecord):
     """An evaluation message's config: the round, the run's merge (the name the primary
     payload is scored under) and ``g``: which global update the primary payload builds.
     Further merges' updates travel whole, under their own names, in the same message."""
 
-    server_round: int  # "server-round"
-    merge: str  # "merge"
-    g: GlobalRef
-
-    def to_config(self) -> dict[str, int | str]:
-        return {"server-round": self.server_round, "merge": self.merge} | self.g.to_config()
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, object]) -> EvalInstruction:
-        _no_unknown(raw, {"server-round", "merge", *_REF_KEYS})
-        return cls(_typed(raw, "server-round", int), _typed(raw, "merge", str), GlobalRef.from_config(raw))
-
-
-def _no_unknown(raw: Mapping[str, object], known: set[str]) -> None:
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ProtocolError(f"unknown field(s) {unknown}; this protocol knows {sorted(known)}")
+    server_round: int = _cfg("server-round", int)
+    merge: str = _cfg("merge", str)
+    g: GlobalRef = field(metadata={"nested": GlobalRef})  # its fields travel flat in this record
 
 
 # ---- client -> server ------------------------------------------------------------------

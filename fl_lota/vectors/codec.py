@@ -40,6 +40,7 @@ from fl_lota.vectors.fltv import (
     bytes_to_values,
     gap_codes,
     index_entropy_bits,
+    index_entropy_bytes,
     mask_fingerprint,
     values_to_bytes,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "decode",
     "encode",
     "index_entropy_bits",
+    "index_entropy_bytes",
     "mask_fingerprint",
     "peek",
 ]

@@ -52,6 +52,7 @@ __all__ = [
     "MaskMismatchError",
     "VALUE_DTYPES",
     "index_entropy_bits",
+    "index_entropy_bytes",
     "mask_fingerprint",
 ]
 
@@ -125,6 +126,12 @@ def index_entropy_bits(numel: int, nnz: int) -> float:
     if nnz <= 0 or nnz >= numel:
         return 0.0
     return (math.lgamma(numel + 1) - math.lgamma(nnz + 1) - math.lgamma(numel - nnz + 1)) / math.log(2)
+
+
+def index_entropy_bytes(tv: SparseTaskVector) -> float:
+    """The entropy bound of ``tv``'s mask in bytes (its sparse tensors): what any index code
+    needs at least."""
+    return sum(index_entropy_bits(t.numel, t.nnz) for t in tv.values() if not t.is_dense) / 8
 
 
 def as_layout(mask) -> SparseTaskVector:
