@@ -18,7 +18,7 @@ from dataclasses import asdict
 from fl_lota.tasks import TASKS, get_task
 from fl_lota.tasks.evaluate import evaluate
 from fl_lota.tasks.prompting import to_examples
-from fl_lota.training.device import resolve
+from fl_lota.training.device import EVAL_PRECISIONS, generation_bf16, resolve
 from fl_lota.training.methods import FINETUNE_METHODS, finetune
 from fl_lota.training.models import DEFAULT_MODEL, load
 from fl_lota.training.train import TrainConfig
@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--values", default="bf16", choices=sorted(codec.VALUE_DTYPES), help="wire dtype of the update")
     ap.add_argument("--no-bf16", action="store_true", help="train in float32 instead of bf16 autocast")
+    ap.add_argument(
+        "--eval-precision",
+        default="auto",
+        choices=EVAL_PRECISIONS,
+        help="generation at evaluation: auto (as trained where bf16 is native: a GPU, a CPU with AMX; "
+        "else float32), bf16 or float32",
+    )
     ap.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N")
     ap.add_argument("--skip-base", action="store_true", help="do not evaluate the base model")
     ap.add_argument("--save", help="write the task vector to this .safetensors file")
@@ -66,10 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, task=None) -> dict:
     """Fine-tune as ``args`` say; returns the figures ``main`` prints."""
     task = task or get_task(args.task, n_train=args.n_train, n_test=args.n_test, seed=args.seed, source=args.source)
-    model, tok = load(args.model, device=str(resolve(args.device)))
+    device = resolve(args.device)
+    model, tok = load(args.model, device=str(device))
+    eval_bf16 = generation_bf16(device, args.eval_precision, not args.no_bf16)
     out = {"task": task.name, "method": args.method, "metric": task.metric, "model": args.model}
+    out["eval_precision"] = "bf16" if eval_bf16 else "float32"
     if not args.skip_base:
-        out["base"] = evaluate(model, tok, task, bf16=not args.no_bf16)["score"]
+        out["base"] = evaluate(model, tok, task, bf16=eval_bf16)["score"]
     cfg = TrainConfig(
         steps=args.steps,
         lr=args.lr,
@@ -95,7 +105,7 @@ def run(args: argparse.Namespace, task=None) -> dict:
     out["steps"] = len(res.losses)
     out["calibration_steps"] = args.calibration_steps if args.method == "lota" else 0
     out["loss_first"], out["loss_last"] = res.losses[0], res.losses[-1]
-    out["tuned"] = evaluate(model, tok, task, bf16=not args.no_bf16)["score"]
+    out["tuned"] = evaluate(model, tok, task, bf16=eval_bf16)["score"]
     out["trained_params"] = res.trained_params
     payload = codec.encode(res.delta, values=args.values)
     out["payload_bytes"] = len(payload)

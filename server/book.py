@@ -131,6 +131,7 @@ class RoundBook:
                 "loss_last": r.loss_last,
                 "train_seconds": r.train_seconds,
                 "eval_seconds": r.eval_seconds or 0.0,
+                "eval_precision": _precision(r.eval_bf16),
                 "load_seconds": r.load_seconds,
                 "codec_seconds": r.codec_seconds,
                 "gpu_peak_bytes": r.gpu_peak_bytes,  # None off a GPU
@@ -204,6 +205,7 @@ class RoundBook:
                 "client": self.client_name(r.partition),
                 "downlink_bytes": self._eval_downlink.get(node, 0),
                 "eval_seconds": r.eval_seconds,
+                "eval_precision": _precision(r.eval_bf16),
                 "gpu_peak_bytes": r.gpu_peak_bytes,
             }
         )
@@ -278,8 +280,9 @@ class RoundBook:
         else:
             for report, c in zip(self._evals, self.row.get("eval_clients", []), strict=True):
                 scores = " ".join(f"{t}={_num(v)}" for t, v in report.scores.get(self.cfg.merge, {}).items())
+                how = f" ({c['eval_precision']})" if c.get("eval_precision") else ""
                 out.append(
-                    f"round {r} {c.get('client')}: evaluate {_num(c.get('eval_seconds'), 1)} s, {scores}" + _gpu(c)
+                    f"round {r} {c.get('client')}: evaluate {_num(c.get('eval_seconds'), 1)} s{how}, {scores}" + _gpu(c)
                 )
         return out
 
@@ -318,3 +321,8 @@ def _gpu(c: dict) -> str:
 
 def _num(v: object, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, int | float) and not isinstance(v, bool) else "?"
+
+
+def _precision(bf16: bool | None) -> str | None:
+    """How a client generated when it scored: "bf16" (autocast), "float32", None (it did not say)."""
+    return None if bf16 is None else ("bf16" if bf16 else "float32")

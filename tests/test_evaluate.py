@@ -47,18 +47,18 @@ def test_evaluate_reports_the_task_metric():
 
 
 def test_a_clients_evaluation_uses_its_batch_size_and_bf16_autocast(monkeypatch):
-    """LocalNode scores with the run config's eval-batch-size, under bf16 autocast when bf16
-    is on (as it trained) and in float32 when it is off: the forward passes of generation
-    are counted and their autocast state read."""
+    """LocalNode scores with the run config's eval-batch-size, under bf16 autocast when
+    eval-precision says bf16 and in float32 when it says float32: the forward passes of
+    generation are counted and their autocast state read, and the report says which."""
     from fl_lota.federated.node import LocalNode
     from fl_lota.federated.runconfig import RunConfig
     from fl_lota.vectors import codec
     from fl_lota.vectors.task_vector import SparseTaskVector
 
-    seen = []
-    for bf16 in (True, False):
+    seen, said = [], []
+    for precision in ("bf16", "float32"):
         cfg = RunConfig(
-            model="tiny", federation="classify", n_train=4, n_test=7, eval_batch_size=3, bf16=bf16, device="cpu"
+            model="tiny", federation="classify", n_train=4, n_test=7, eval_batch_size=3, eval_precision=precision
         )
         node = LocalNode(cfg, 0)
         model, _, _ = node._model_at(codec.encode(SparseTaskVector()))
@@ -68,13 +68,55 @@ def test_a_clients_evaluation_uses_its_batch_size_and_bf16_autocast(monkeypatch)
             with_kwargs=True,
         )
         try:
-            node.evaluate({"mask_aware": codec.encode(SparseTaskVector())})
+            report = node.evaluate({"mask_aware": codec.encode(SparseTaskVector())})
         finally:
             hook.remove()
         rows = sorted({b for b, _ in calls})
         assert rows == [1, 3], rows  # batches of 3, 3 and 1 prompts
         seen.append({a for _, a in calls})
+        said.append(report.eval_bf16)
     assert seen == [{True}, {False}]
+    assert said == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("flags", "bf16", "precision", "want"),
+    [
+        ({"avx512_bf16"}, True, "auto", False),  # bf16 without AMX: float32 is faster
+        ({"amx_bf16", "avx512_bf16"}, True, "auto", True),
+        ({"amx_bf16"}, False, "auto", False),  # trained in float32: evaluated so
+        (set(), True, "bf16", True),
+        ({"amx_bf16"}, True, "float32", False),
+    ],
+)
+def test_auto_eval_precision_follows_the_cpu(monkeypatch, flags, bf16, precision, want):
+    """ "auto" generates under bf16 autocast on a CPU only where bf16 matmuls are native
+    (AMX); the explicit settings are obeyed whatever the CPU."""
+    from fl_lota.federated.runconfig import RunConfig
+    from fl_lota.training import device as devices
+
+    monkeypatch.setattr(devices, "_cpu", lambda: ("some cpu", set(flags)))
+    cfg = RunConfig(model="tiny", bf16=bf16, eval_precision=precision, device="cpu")
+    assert cfg.eval_bf16() is want
+    # the comparison's stored units are keyed by what "auto" means on the machine
+    assert cfg.identity()["eval_precision"] == ("bf16" if want else "float32")
+
+
+def test_auto_eval_precision_on_a_gpu(monkeypatch):
+    """On a GPU "auto" is bf16 from Ampere (capability 8) on, float32 before."""
+    from fl_lota.training import device as devices
+
+    gpu = torch.device("cuda")
+    for major, want in ((7, False), (8, True), (9, True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, m=major: (m, 0))
+        assert devices.generation_bf16(gpu, "auto", True) is want
+
+
+def test_an_unknown_eval_precision_is_refused():
+    from fl_lota.federated.runconfig import RunConfig, RunConfigError
+
+    with pytest.raises(RunConfigError, match=r"eval-precision.*'fp16'"):
+        RunConfig(eval_precision="fp16")
 
 
 def test_normalized_scores():

@@ -180,7 +180,9 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
             RecordDict(
                 {
                     "metrics": MetricRecord(
-                        eval_metrics(1.0, **{"score.sql@mask_aware": 0.4, "score.sql@ties": 0.2, "n.sql": 4.0})
+                        eval_metrics(
+                            1.0, **{"score.sql@mask_aware": 0.4, "score.sql@ties": 0.2, "n.sql": 4.0, "eval-bf16": 1.0}
+                        )
                     )
                 }
             ),
@@ -198,6 +200,8 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
     # the evaluation downlink per client, not averaged
     assert [(c["client"], c["downlink_bytes"]) for c in r["eval_clients"]] == [("math", 1000), ("sql", 1200)]
     assert r["eval_downlink_bytes"] == 2200
+    # how each client generated, as it said (the first did not say)
+    assert [c["eval_precision"] for c in r["eval_clients"]] == [None, "bf16"]
     assert r["cumulative_uplink_bytes"] == r["uplink_bytes"]
     assert out["score-mean@mask_aware"] == pytest.approx(0.325)
 

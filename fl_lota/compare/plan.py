@@ -292,7 +292,9 @@ def probe_speed(plan: ComparePlan, steps: int = 3, items: int = 64) -> dict[str,
         n = 0
         for t in plan.tasks:
             sample = t.test[:items]
-            evaluate(model, tok, t, samples=sample, progress=False, batch_size=cfg.eval_batch_size, bf16=cfg.bf16)
+            evaluate(
+                model, tok, t, samples=sample, progress=False, batch_size=cfg.eval_batch_size, bf16=cfg.eval_bf16()
+            )
             n += len(sample)
         item_s = (time.perf_counter() - t0) / max(n, 1)
     finally:

@@ -108,7 +108,7 @@ class Comparison:
         key = {
             "model": p.cfg.model,
             "tasks": [task_fingerprint(t) for t in p.tasks],
-            "bf16": p.cfg.bf16,
+            "eval_precision": p.cfg.identity()["eval_precision"],
             "eval_batch_size": p.cfg.eval_batch_size,
         }
         res, reused = cached(self.out / "base.json", key, compute)

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, fields
 from itertools import pairwise
 from pathlib import Path
 
+import torch
+
 from fl_lota.merging.merge import MERGE_METHODS
 from fl_lota.tasks.partition import FederationSpec
 from fl_lota.training import device as devices
@@ -74,7 +76,8 @@ class RunConfig:
     eval_every: int = 1  # federated evaluation every N rounds (the last round always)
     eval_base: bool = True  # round 1: clients also score the base model (the floor)
     eval_local: bool = False  # evaluation rounds: clients also score their own model after local training
-    eval_batch_size: int = 64  # prompts generated together at evaluation (bf16 autocast when bf16 is on)
+    eval_batch_size: int = 128  # prompts generated together at evaluation
+    eval_precision: str = "auto"  # generation: auto | bf16 | float32 (fl_lota.training.device.generation_bf16)
     fraction_train: float = 1.0
     min_train_nodes: int = 0  # at least this many clients train per round (0: fraction-train decides, >= 1)
     max_upload_mb: float = 2048.0  # larger uploads are refused before decoding
@@ -100,6 +103,8 @@ class RunConfig:
                 raise bad("eval-merges", f"{m!r} is not one of {sorted(MERGE_METHODS)}")
         if self.values not in codec.VALUE_DTYPES:
             raise bad("values", f"{self.values!r} is not one of {sorted(codec.VALUE_DTYPES)}")
+        if self.eval_precision not in devices.EVAL_PRECISIONS:
+            raise bad("eval-precision", f"{self.eval_precision!r} is not one of {list(devices.EVAL_PRECISIONS)}")
         if self.mask_mode not in ("global", "per_tensor"):
             raise bad("mask-mode", "must be 'global' or 'per_tensor'")
         if not 0.0 <= self.sparsity < 1.0:
@@ -189,7 +194,10 @@ class RunConfig:
     def identity(self) -> dict[str, object]:
         """Every setting that can change a result (all but ``COSMETIC``): the key under
         which comparison units are stored and reused."""
-        return {k: v for k, v in asdict(self).items() if k not in COSMETIC}
+        out = {k: v for k, v in asdict(self).items() if k not in COSMETIC}
+        if self.eval_precision == "auto":  # what "auto" is on this machine: it changes the scores
+            out["eval_precision"] = "bf16" if self.eval_bf16() else "float32"
+        return out
 
     def resumable(self) -> dict[str, object]:
         """The settings a checkpoint must match to be resumed (all but ``RESUME_MAY_CHANGE``)."""
@@ -292,6 +300,11 @@ class RunConfig:
         """The device this process computes on (``fl_lota.training.device.resolve``: a GPU asked for
         and not usable here is a DeviceError naming why)."""
         return str(devices.resolve(self.device))
+
+    def eval_bf16(self, device: torch.device | str | None = None) -> bool:
+        """Whether evaluation on ``device`` (default: this process's) generates under bf16
+        autocast (``eval-precision``; "auto": ``fl_lota.training.device.generation_bf16``)."""
+        return devices.generation_bf16(torch.device(device or self.resolved_device()), self.eval_precision, self.bf16)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "EVAL_PRECISIONS",
     "DeviceError",
     "GpuOutOfMemory",
     "autocast_bf16",
     "describe",
+    "generation_bf16",
     "peak_bytes",
     "release",
     "resolve",
@@ -95,6 +97,43 @@ def describe(device: torch.device) -> str:
     return f"{device} ({p.name}, {p.total_memory / 2**30:.1f} GiB)"
 
 
+def _cpu() -> tuple[str, set[str]]:
+    """This CPU's model name and instruction flags (Linux; elsewhere the platform's name and
+    no flags)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    return name, flags
+
+
+# how clients generate at evaluation (run-config key eval-precision)
+EVAL_PRECISIONS = ("auto", "bf16", "float32")
+
+
+def generation_bf16(device: torch.device, precision: str, bf16: bool) -> bool:
+    """Whether evaluation generates under bf16 autocast. ``precision`` "bf16" / "float32" say
+    so; "auto" generates as the model trained (``bf16``) where bf16 matmuls are native and
+    fast, on a GPU (Ampere or later) or a CPU with AMX, and in float32 elsewhere: on a Xeon
+    with AVX512-BF16 but no AMX, SmolLM2-135M answered 100 prompts in 11.6 s in float32
+    against 17.9 s under bf16 autocast (2026-11-24). Float32 is the more exact of the two, so
+    "auto" only ever trades speed, never precision, away from the training setting."""
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"eval precision {precision!r} is not one of {list(EVAL_PRECISIONS)}")
+    if precision != "auto":
+        return precision == "bf16"
+    if not bf16:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    return "amx_bf16" in _cpu()[1]
+
+
 def machine(device: torch.device) -> str:
     """What a result's numerics depend on besides the code: the GPU, or the CPU and its
     bf16 instructions (AMX, AVX512-BF16: bf16 matmuls round differently without them), and
@@ -102,15 +141,7 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         where = describe(device)
     else:
-        name, flags = platform.processor() or platform.machine(), set()
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
+        name, flags = _cpu()
         isa = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
         where = f"cpu {name} ({', '.join(isa) if isa else 'no bf16 instructions'}; {os.cpu_count()} cores)"
     return f"{where}, torch {torch.__version__}"
