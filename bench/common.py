@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from fl_lota.federated import memory
 from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 # SmolLM2-135M: hidden 576, MLP 1536, 9 query / 3 key-value heads of 64, 30 layers, vocab 49152
@@ -54,23 +54,15 @@ def random_sparse(shapes, density: float, seed: int, scale: float = 1e-4) -> Spa
     return SparseTaskVector(out)
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def rss_mb() -> float:
-    return _status_mb("VmRSS")
+    return memory.rss_mb()
 
 
 def peak_rss_mb() -> float:
-    return _status_mb("VmHWM")
+    return memory.peak_mb()
 
 
 def reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
-    with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
-        f.write("5")
+    """Reset the peak to the current RSS (Linux: write 5 to clear_refs)."""
+    if not memory.reset_peak():
+        raise SystemExit("this bench measures peak memory through /proc (Linux)")

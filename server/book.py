@@ -210,8 +210,12 @@ class RoundBook:
             }
         )
 
-    def end_round(self, *, eval_wall: float, round_wall: float) -> dict:
+    def end_round(self, *, eval_wall: float, round_wall: float, memory_mb: dict | None = None) -> dict:
+        """Close the round's row and append it to metrics.jsonl. ``memory_mb``: the server
+        process's resident memory at the end of the round and its peak during it (MiB)."""
         row = self.row
+        if memory_mb is not None:
+            row["server_memory_mb"] = memory_mb
         row.setdefault("uplink_bytes", 0)
         scores: dict[str, dict[str, float]] = {}
         for merge in self.cfg.merges:
@@ -301,6 +305,9 @@ class RoundBook:
             parts.append(f"[{label}] {tasks}")
         if row.get("rejected") or row.get("failures"):
             parts.append(f"rejected {len(row['rejected'])}, failed {len(row['failures'])}")
+        peak = row.get("server_memory_mb", {}).get("peak")
+        if peak is not None:
+            parts.append(f"server peak {peak:.0f} MiB")
         return " | ".join(parts)
 
 

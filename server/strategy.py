@@ -27,6 +27,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fl_lota.federated import memory
 from fl_lota.federated.aggregator import Aggregator, Upload
 from fl_lota.federated.checkpoint import Checkpoint, save_checkpoint
 from fl_lota.federated.downlink import Downlink
@@ -84,6 +85,7 @@ class LotaFedAvg(FedAvg):
         self.downlink = Downlink(cfg.values)  # what each node holds of G, and the change it needs
         self.run_tag = uuid.uuid4().hex  # names this run's client state (kept across resumes)
         self._t: dict[str, float] = {}
+        self._peak_reset = False  # whether this round's peak memory started afresh (Linux)
         self._offset = 0  # rounds done before Flower's round 1 (a resumed run)
         self._checkpoint_dir: Path | None = None
 
@@ -160,6 +162,7 @@ class LotaFedAvg(FedAvg):
     ) -> Iterable[Message]:
         server_round += self._offset
         self._t = {"round-start": time.perf_counter()}
+        self._peak_reset = memory.reset_peak()  # the round's own peak (Linux; elsewhere none is recorded)
         self._online = {str(n) for n in grid.get_node_ids()}  # partitions of nodes that left may be taken over
         # Flower samples the nodes; what each is sent is built per node (_to_nodes)
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -343,7 +346,12 @@ class LotaFedAvg(FedAvg):
         self._log_clients("evaluate")
         now = time.perf_counter()
         row = self.book.end_round(
-            eval_wall=now - self._t.get("eval-start", now), round_wall=now - self._t.get("round-start", now)
+            eval_wall=now - self._t.get("eval-start", now),
+            round_wall=now - self._t.get("round-start", now),
+            memory_mb={
+                "rss": memory.rss_mb(),
+                "peak": memory.peak_mb() if self._peak_reset else None,
+            },
         )
         log(INFO, "%s", self.book.round_line(row))
         if self._checkpoint_dir is not None:  # the round is over: what a resume starts from

@@ -67,6 +67,10 @@ def test_aggregator_registers_masks_and_decodes_values_only_uploads():
         assert torch.allclose(agg.global_tv[n].to_dense(), want[n].to_dense())
     assert set(agg.candidates) == {"mask_aware", "ties", "fedavg"}
     assert agg.global_payload == agg.candidates["mask_aware"]
+    # a registered mask keeps the upload's entries, not its values (one shared zero)
+    for c, t in (("1", t1), ("2", t2)):
+        for n, m in agg.masks[c].items():
+            assert torch.equal(m.indices, t[n].indices) and m.values.stride() == (0,) and not m.values.any()
     # round 2: values only, decoded against the registered masks
     v1 = t1.with_values({n: t.values * 2 for n, t in t1.items()})
     g1 = agg.global_tv

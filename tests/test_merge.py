@@ -1,5 +1,7 @@
 """Each merge method against hand-computed examples: disjoint, overlapping, sign conflicts."""
 
+import math
+
 import pytest
 import torch
 
@@ -124,3 +126,34 @@ def test_bad_calls_are_named():
         merge("mask_aware", [A, sv([0], [1.0], shape=(5,))])
     with pytest.raises(ValueError, match="ties k"):
         merge("ties", [A], k=0.0)
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_merging_onto_g_is_g_plus_the_merge_bit_for_bit(method):
+    """merge(..., onto=G) is G.add(merge(...)) to the bit, with a tensor only G holds, one
+    only the uploads hold, a dense one and negative zeros (0 + -0.0 is +0.0 in both)."""
+    g = torch.Generator().manual_seed(0)
+
+    def vec(names, density):
+        out = {}
+        for n, shape in names.items():
+            numel = math.prod(shape)
+            idx = torch.nonzero(torch.rand(numel, generator=g) < density).reshape(-1)
+            vals = torch.randn(idx.numel(), generator=g)
+            vals[::7] = -0.0
+            out[n] = SparseTensor(shape, idx, vals)
+        return SparseTaskVector(out)
+
+    G = vec({"only_g": (5, 3), "both": (8, 8)}, 0.4)
+    G = SparseTaskVector(dict(G) | {"dense": SparseTensor((6,), None, torch.randn(6, generator=g))})
+    ups = [vec({"both": (8, 8), "new": (4, 4), "dense": (6,)}, 0.3) for _ in range(3)]
+    params = {"ties": {"k": 0.5}}.get(method, {})
+    want = G.add(merge(method, ups, [1.0, 2.0, 3.0], **params))
+    got = merge(method, ups, [1.0, 2.0, 3.0], onto=G, **params)
+    assert list(got) == list(want)
+    for n in want:
+        assert got[n].shape == want[n].shape
+        assert (got[n].indices is None) == (want[n].indices is None)
+        if want[n].indices is not None:
+            assert torch.equal(got[n].indices, want[n].indices)
+        assert torch.equal(got[n].values.view(torch.int32), want[n].values.view(torch.int32)), n

@@ -4,6 +4,7 @@ rejection of bad uploads, and the round's books."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -200,6 +201,10 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
     # the evaluation downlink per client, not averaged
     assert [(c["client"], c["downlink_bytes"]) for c in r["eval_clients"]] == [("math", 1000), ("sql", 1200)]
     assert r["eval_downlink_bytes"] == 2200
+    # the server's memory during the round (Linux: its own peak, at least what it holds at the end)
+    mem = r["server_memory_mb"]
+    if sys.platform.startswith("linux"):
+        assert mem["peak"] >= mem["rss"] > 0
     # how each client generated, as it said (the first did not say)
     assert [c["eval_precision"] for c in r["eval_clients"]] == [None, "bf16"]
     assert r["cumulative_uplink_bytes"] == r["uplink_bytes"]

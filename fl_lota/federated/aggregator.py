@@ -124,7 +124,7 @@ class Aggregator:
         each partition (a node id that is gone is taken over by the next node reporting it)."""
         self.global_payload = codec.encode(global_tv, values=self.cfg.values)
         self.global_tv = codec.decode(self.global_payload)
-        self.masks = dict(masks)
+        self.masks = {k: m.support() for k, m in masks.items()}
         self.owners = {int(p): str(n) for p, n in owners.items()}
         self.candidates = {}
 
@@ -166,7 +166,7 @@ class Aggregator:
         if up.partition is not None:
             self.owners[up.partition] = up.client
         if layout is not None:
-            self.masks[up.client] = layout
+            self.masks[up.client] = layout.support()  # its indices: the upload's values are not kept
 
     def decode(self, up: Upload, online: set[str] | None = None) -> SparseTaskVector:
         """The upload's task vector. Full payloads (re)register the client's mask;
@@ -287,8 +287,12 @@ class Aggregator:
         if vectors:
             try:
                 for name in self.cfg.merges:
-                    merged = merge(name, vectors, weights, **self.cfg.merge_params(name))
-                    self.candidates[name] = codec.encode(self.global_tv.add(merged), values=self.cfg.values)
+                    # G + merge, built tensor by tensor and dropped once encoded: the merged
+                    # update is never held whole, nor the sum beside its decoded payload
+                    summed = merge(name, vectors, weights, onto=self.global_tv, **self.cfg.merge_params(name))
+                    self.candidates[name] = codec.encode(summed, values=self.cfg.values)
+                    del summed
+                del vectors[:]  # the decoded uploads are not needed any more
                 new_tv = codec.decode(self.candidates[self.cfg.merge])
             except (ValueError, RuntimeError, FloatingPointError) as e:  # CodecError included
                 # accepted uploads are bounded, so this is not expected; if it happens the

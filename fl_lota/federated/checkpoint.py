@@ -3,7 +3,7 @@
     <results-dir>/checkpoint/LATEST             name of the newest complete round folder
     <results-dir>/checkpoint/round-0003/
         global.safetensors                      G, the cumulative merged update
-        mask-<key>.safetensors                  each registered LoTA mask (with its values)
+        mask-<key>.safetensors                  each registered LoTA mask (its entries; values zero)
         state.json                              round, config, metrics rows, RNG state, mask keys
         MANIFEST.json                           sha256 of each file above
 

@@ -114,9 +114,11 @@ def _tensorwise(
     vectors: Sequence[SparseTaskVector],
     weights: Sequence[float],
     one: Callable[[Entries, Sequence[float], int], tuple[torch.Tensor, torch.Tensor]],
+    onto: SparseTaskVector | None = None,
 ) -> SparseTaskVector:
     """Apply ``one`` to each tensor name (union over vectors, first-seen order); vectors
-    without that tensor do not take part in it."""
+    without that tensor do not take part in it. ``onto``: return ``onto.add(merged)``, one
+    tensor at a time, so that the merged update is never held whole beside the sum."""
     names: dict[str, tuple[int, ...]] = {}
     for v in vectors:
         for name, t in v.items():
@@ -129,40 +131,52 @@ def _tensorwise(
         entries = [(t.indices, t.values) for t, _ in part]
         idx, vals = one(entries, [w for _, w in part], math.prod(shape))
         out[name] = SparseTensor(shape, idx, vals)
-    return SparseTaskVector(out)
+        if onto is not None:
+            out[name] = _add_one(onto, name, out[name])
+    if onto is None:
+        return SparseTaskVector(out)
+    # onto.add(merged)'s order and arithmetic: onto's tensors, then the merge's new ones;
+    # a tensor of onto that the merge leaves alone goes through the same sum (0 + a)
+    return SparseTaskVector({n: out[n] if n in out else _add_one(onto, n, None) for n in dict.fromkeys([*onto, *out])})
+
+
+def _add_one(onto: SparseTaskVector, name: str, t: SparseTensor | None) -> SparseTensor:
+    """``onto.add(SparseTaskVector({name: t}))[name]`` (``t`` None: nothing added)."""
+    mine = SparseTaskVector({name: onto[name]} if name in onto else {})
+    return mine.add(SparseTaskVector({} if t is None else {name: t}))[name]
 
 
 @register("mask_aware")
-def mask_aware(vectors, weights, *, lam: float = 1.0) -> SparseTaskVector:
+def mask_aware(vectors, weights, *, lam: float = 1.0, onto=None) -> SparseTaskVector:
     def one(entries, w, numel):
         idx, vals = masked_mean(entries, w, numel, divisor="holders")
         return idx, vals * lam
 
-    return _tensorwise(vectors, weights, one)
+    return _tensorwise(vectors, weights, one, onto)
 
 
 @register("fedavg")
-def fedavg(vectors, weights) -> SparseTaskVector:
+def fedavg(vectors, weights, *, onto=None) -> SparseTaskVector:
     total = float(sum(weights))  # divide by all clients, also where few hold a coordinate
     scaled = [w / total for w in weights]
 
     def one(entries, w, numel):
         return masked_mean(entries, w, numel, divisor="none")
 
-    return _tensorwise(vectors, scaled, one)
+    return _tensorwise(vectors, scaled, one, onto)
 
 
 @register("task_arithmetic")
-def task_arithmetic(vectors, weights, *, lam: float = 1.0) -> SparseTaskVector:
+def task_arithmetic(vectors, weights, *, lam: float = 1.0, onto=None) -> SparseTaskVector:
     def one(entries, w, numel):
         idx, vals = masked_mean(entries, w, numel, divisor="none")
         return idx, vals * lam
 
-    return _tensorwise(vectors, [1.0] * len(vectors), one)  # weights unused: see the module docstring
+    return _tensorwise(vectors, [1.0] * len(vectors), one, onto)  # weights unused: see the module docstring
 
 
 @register("ties")
-def ties(vectors, weights, *, k: float = 0.2, lam: float = 1.0, trim: str = "global") -> SparseTaskVector:
+def ties(vectors, weights, *, k: float = 0.2, lam: float = 1.0, trim: str = "global", onto=None) -> SparseTaskVector:
     """k: density kept per vector, as a fraction of its numel (0.2 = top 20% of all
     coordinates; a vector already sparser than k keeps every entry, it is not re-trimmed).
     trim: "global" (one threshold per vector, reference code) or "per_tensor" (mergekit)."""
@@ -196,18 +210,21 @@ def ties(vectors, weights, *, k: float = 0.2, lam: float = 1.0, trim: str = "glo
         idx, vals = masked_mean(entries, w, numel, include=agree, divisor="holders")
         return idx, vals * lam
 
-    return _tensorwise(trimmed, weights, one)
+    return _tensorwise(trimmed, weights, one, onto)
 
 
 def merge(
     method: str,
     vectors: Sequence[SparseTaskVector],
     weights: Sequence[float] | None = None,
+    *,
+    onto: SparseTaskVector | None = None,
     **params,
 ) -> SparseTaskVector:
     """Merge task vectors with a registered method. ``weights`` default to 1 each (e.g.
     pass example counts); they must be positive. ``params`` go to the method
-    (``lam``; for ties also ``k`` and ``trim``)."""
+    (``lam``; for ties also ``k`` and ``trim``). ``onto``: return ``onto.add(merged)``,
+    bit for bit, built tensor by tensor (the merged update is never held whole)."""
     if method not in MERGE_METHODS:
         raise ValueError(f"unknown merge method {method!r}; known: {sorted(MERGE_METHODS)}")
     if not vectors:
@@ -217,4 +234,6 @@ def merge(
         raise ValueError(f"{len(weights)} weights for {len(vectors)} vectors")
     if any(not (w > 0) for w in weights):
         raise ValueError(f"merge weights must be positive, got {weights}")
+    if onto is not None:
+        params["onto"] = onto
     return MERGE_METHODS[method](list(vectors), weights, **params)

@@ -152,6 +152,15 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
     def masks(self) -> dict[str, torch.Tensor]:
         return {name: t.mask() for name, t in self._tensors.items()}
 
+    def support(self) -> SparseTaskVector:
+        """The same entries with no values of their own: every value is one shared zero (a
+        zero-stride view), so a layout to decode values-only payloads against costs its
+        indices alone."""
+        zero = torch.zeros(1)
+        return SparseTaskVector(
+            {n: SparseTensor(t.shape, t.indices, zero.expand(t.nnz)) for n, t in self._tensors.items()}
+        )
+
     def with_values(self, values: Mapping[str, torch.Tensor]) -> SparseTaskVector:
         """Same layout (shapes and indices), new values."""
         return SparseTaskVector({n: SparseTensor(t.shape, t.indices, values[n]) for n, t in self._tensors.items()})
