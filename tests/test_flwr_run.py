@@ -4,6 +4,7 @@ the tiny model (2 clients, 2 rounds), on a private local SuperLink that is stopp
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,13 @@ def test_flwr_run_tiny_federation(flwr_home, tmp_path):
         assert r["uplink_bytes"] >= r["uplink_array_bytes"]
         assert r["downlink_bytes"] > 0 and r["eval_downlink_bytes"] > 0
         assert set(r["scores"]["mask_aware"]) == {"math", "classify"}
+        # the ServerApp's memory: the round's own peak, at least what it held at the end
+        # (within the kernel's per-thread batching of RSS counts)
+        mem = r["server_memory_mb"]
+        if sys.platform.startswith("linux"):
+            assert mem["rss"] > 100 and mem["peak"] >= mem["rss"] - 16
+    # tiny.toml's clients generate in float32 (bf16 off), and say so
+    assert {c["eval_precision"] for r in rows for c in r["eval_clients"]} == {"float32"}
     r1, r2 = rows
     # each round reads on through the client's example stream; the record lists the examples
     per_round = 3 * 4  # local-steps x batch-size of tiny.toml
@@ -221,12 +229,13 @@ DOWNLINK = ("downlink_bytes", "downlink_by_node", "cumulative_downlink_bytes")
 
 
 def _comparable(rows: list[dict], resumed_at: int | None = None) -> list[dict]:
-    """Rows without what differs between processes: timings and Flower node ids. From round
+    """Rows without what differs between processes: timings, memory and Flower node ids. From round
     ``resumed_at`` on, without the training downlink: the nodes of a resumed run hold no G
     that the server knows of, so its first round sends each the whole of G."""
     out = []
     for r in rows:
-        drop = ("seconds", "failures", "rejected") + (DOWNLINK if resumed_at and r["round"] >= resumed_at else ())
+        drop = ("seconds", "server_memory_mb", "failures", "rejected")
+        drop += DOWNLINK if resumed_at and r["round"] >= resumed_at else ()
         r = {k: v for k, v in r.items() if k not in drop}
         r["downlink_by_node"] = sorted(r.get("downlink_by_node", {}).values())
         r["clients"] = sorted(

@@ -21,7 +21,9 @@ def test_the_peak_starts_afresh_and_sees_a_freed_allocation():
     during = memory.rss_mb()
     del x
     peak = memory.peak_mb()
-    assert during - start > 100 and peak >= during  # the peak saw it, after it was freed too
+    # the peak saw it, after it was freed too (the kernel batches RSS counts per thread: a
+    # few MiB either way)
+    assert during - start > 100 and peak - start > 100 and peak >= during - 16
 
 
 def test_no_figures_where_proc_is_missing(monkeypatch, tmp_path):

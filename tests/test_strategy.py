@@ -201,10 +201,12 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
     # the evaluation downlink per client, not averaged
     assert [(c["client"], c["downlink_bytes"]) for c in r["eval_clients"]] == [("math", 1000), ("sql", 1200)]
     assert r["eval_downlink_bytes"] == 2200
-    # the server's memory during the round (Linux: its own peak, at least what it holds at the end)
+    # the server's memory: what it holds at the end; no peak, since no round was started
+    # here (configure_train starts the round's peak afresh: a lifetime peak is not a round's)
     mem = r["server_memory_mb"]
+    assert mem["peak"] is None
     if sys.platform.startswith("linux"):
-        assert mem["peak"] >= mem["rss"] > 0
+        assert mem["rss"] > 0
     # how each client generated, as it said (the first did not say)
     assert [c["eval_precision"] for c in r["eval_clients"]] == [None, "bf16"]
     assert r["cumulative_uplink_bytes"] == r["uplink_bytes"]
