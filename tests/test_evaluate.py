@@ -39,6 +39,47 @@ def test_generation_is_deterministic_and_bounded():
     assert all(len(x) <= 5 for x in a)  # byte tokens: at most one character each
 
 
+def test_a_shared_prefix_runs_once_and_changes_no_reply():
+    """The tokens all prompts of a batch share are run once (one row) and their KV cache
+    repeated; each reply is the one HF's greedy generation gives the prompt alone."""
+    from fl_lota.tasks.evaluate import MIN_SHARED_PREFIX, shared_prefix
+
+    model, tok = load("tiny")
+    prompts = ["Reverse the list: a, b", "Reverse the list: c, d, e, f", "Reverse the list: g"]
+    rows = [tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    p = shared_prefix(rows)
+    assert p == len(tok("Reverse the list: ", add_special_tokens=False)["input_ids"]) >= MIN_SHARED_PREFIX
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = generate(model, tok, prompts, max_new_tokens=6, batch_size=3, progress=False)
+    finally:
+        hook.remove()
+    assert calls[0] == (1, p) and calls[1] == (3, max(map(len, rows)) - p)
+    want = []
+    for r in rows:  # each alone: no padding, no shared cache
+        ids = torch.tensor([r])
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        want.append(tok.decode(gen[0, len(r) :], skip_special_tokens=True).strip())
+    assert got == want
+
+
+def test_shared_prefix_leaves_each_row_a_token():
+    from fl_lota.tasks.evaluate import shared_prefix
+
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix([[7], [7, 8]]) == 0
+    assert shared_prefix([[1, 2], [3, 2]]) == 0
+
+
 def test_evaluate_reports_the_task_metric():
     model, tok = load("tiny")
     task = get_task("classify", n_train=4, n_test=6)

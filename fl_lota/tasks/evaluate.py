@@ -37,8 +37,9 @@ def generate(
     chat: bool | Sequence[bool] = True,
     bf16: bool = False,
 ) -> list[str]:
-    """Greedy replies to raw user prompts (formatted with the chat template here).
-    Left padding, KV cache, stops at EOS; special tokens stripped from the replies.
+    """Greedy replies to raw user prompts (formatted with the chat template here), each
+    tokenized once; the prefix all prompts of a batch share is computed once (``_greedy``);
+    KV cache, stops at EOS; special tokens stripped from the replies.
     ``bf16``: generate under bf16 autocast (as the model trained), 1.7x faster on a CPU
     with AMX than float32 (0.086 s against 0.149 s per answer, SmolLM2-135M, batch 64)."""
     device = next(model.parameters()).device
@@ -51,23 +52,51 @@ def generate(
         chats = [chat] * len(prompts) if isinstance(chat, bool) else list(chat)
         texts = [format_prompt(tokenizer, p, c) for p, c in zip(prompts, chats, strict=True)]
         for i in tqdm(range(0, len(texts), batch_size), desc=desc, disable=None if progress else True, leave=False):
-            enc = tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
+            rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
             with autocast_bf16(device, bf16):
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new = gen[:, enc["input_ids"].shape[1] :]
+                new = _greedy(model, rows, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, device)
             out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return out
+
+
+# a shared prefix shorter than this is prefilled with each row (its own forward is not worth it)
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every row shares, leaving each row at least one of its own
+    (the first forward of generation needs a token to predict from)."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for k in range(max(n, 0)):
+        if any(r[k] != first[k] for r in rows):
+            return k
+    return max(n, 0)
+
+
+def _greedy(model, rows: list[list[int]], pad: int, eos: int, max_new_tokens: int, device) -> torch.Tensor:
+    """Greedy continuations of token ``rows`` (the new tokens, one row each, padded after
+    EOS). The prefix every row shares (the chat template's system turn: 24 to 29 of 48 to 86
+    tokens in the generated tasks) is run once and its KV cache repeated for the batch; each
+    row's own tokens follow it, padded between prefix and suffix (masked out, positions
+    counted from the mask), so no row pays for another's prefix or padding in the prefix.
+    Rows sharing too little go the plain way: left padding."""
+    p = shared_prefix(rows)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=eos)
+    if p < MIN_SHARED_PREFIX:
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        return model.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:]
+    cache = model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(rows))
+    width = max(len(r) for r in rows) - p
+    ids = torch.tensor([r[:p] + [pad] * (width - len(r) + p) + r[p:] for r in rows], device=device)
+    mask = torch.tensor([[1] * p + [0] * (width - len(r) + p) + [1] * (len(r) - p) for r in rows], device=device)
+    return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)[:, p + width :]
 
 
 def evaluate(
