@@ -71,6 +71,25 @@ def test_a_shared_prefix_runs_once_and_changes_no_reply():
     assert got == want
 
 
+def test_a_cache_that_cannot_be_repeated_goes_the_plain_way(monkeypatch):
+    """A model whose KV cache has no batch repeat is generated with left padding: same replies."""
+    from transformers import DynamicCache
+
+    model, tok = load("tiny")
+    prompts = ["Reverse the list: a, b", "Reverse the list: c, d, e, f"]
+    want = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False)
+    owner = next(c for c in DynamicCache.__mro__ if "batch_repeat_interleave" in vars(c))
+    monkeypatch.delattr(owner, "batch_repeat_interleave")
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    try:
+        got = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False)
+    finally:
+        hook.remove()
+    assert calls[1][0] == 2 and calls[1][1] == max(len(format_prompt(tok, p)) for p in prompts)  # whole rows
+    assert got == want
+
+
 def test_shared_prefix_leaves_each_row_a_token():
     from fl_lota.tasks.evaluate import shared_prefix
 

@@ -86,12 +86,16 @@ def _greedy(model, rows: list[list[int]], pad: int, eos: int, max_new_tokens: in
     Rows sharing too little go the plain way: left padding."""
     p = shared_prefix(rows)
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=eos)
-    if p < MIN_SHARED_PREFIX:
+    cache = None
+    if p >= MIN_SHARED_PREFIX:
+        cache = model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True).past_key_values
+        if not hasattr(cache, "batch_repeat_interleave"):  # a model whose cache cannot be repeated
+            cache = None
+    if cache is None:
         width = max(len(r) for r in rows)
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         return model.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:]
-    cache = model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True).past_key_values
     cache.batch_repeat_interleave(len(rows))
     width = max(len(r) for r in rows) - p
     ids = torch.tensor([r[:p] + [pad] * (width - len(r) + p) + r[p:] for r in rows], device=device)
