@@ -71,22 +71,21 @@ def test_a_shared_prefix_runs_once_and_changes_no_reply():
     assert got == want
 
 
-def test_a_cache_that_cannot_be_repeated_goes_the_plain_way(monkeypatch):
-    """A model whose KV cache has no batch repeat is generated with left padding: same replies."""
-    from transformers import DynamicCache
-
+def test_a_model_with_its_own_cache_goes_the_plain_way():
+    """A model whose generation config names its own cache (static, hybrid) refuses one
+    passed in: it is generated with left padding, whole rows, and gives the same replies."""
     model, tok = load("tiny")
     prompts = ["Reverse the list: a, b", "Reverse the list: c, d, e, f"]
     want = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False)
-    owner = next(c for c in DynamicCache.__mro__ if "batch_repeat_interleave" in vars(c))
-    monkeypatch.delattr(owner, "batch_repeat_interleave")
+    model.generation_config.cache_implementation = "static"
     calls = []
     hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True)
     try:
         got = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False)
     finally:
         hook.remove()
-    assert calls[1][0] == 2 and calls[1][1] == max(len(format_prompt(tok, p)) for p in prompts)  # whole rows
+    rows = [tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    assert calls[0] == (2, max(map(len, rows)))  # no one-row prefix forward: whole rows at once
     assert got == want
 
 
@@ -110,30 +109,40 @@ def test_a_clients_evaluation_uses_its_batch_size_and_bf16_autocast(monkeypatch)
     """LocalNode scores with the run config's eval-batch-size, under bf16 autocast when
     eval-precision says bf16 and in float32 when it says float32: the forward passes of
     generation are counted and their autocast state read, and the report says which."""
+    import fl_lota.tasks.evaluate as ev
     from fl_lota.federated.node import LocalNode
     from fl_lota.federated.runconfig import RunConfig
     from fl_lota.vectors import codec
     from fl_lota.vectors.task_vector import SparseTaskVector
 
+    batches = []
+    greedy = ev._greedy
+    monkeypatch.setattr(ev, "_greedy", lambda m, rows, *a: batches.append(len(rows)) or greedy(m, rows, *a))
     seen, said = [], []
     for precision in ("bf16", "float32"):
         cfg = RunConfig(
-            model="tiny", federation="classify", n_train=4, n_test=7, eval_batch_size=3, eval_precision=precision
+            model="tiny",
+            federation="classify",
+            n_train=4,
+            n_test=7,
+            eval_batch_size=3,
+            eval_precision=precision,
+            device="cpu",
         )
         node = LocalNode(cfg, 0)
         model, _, _ = node._model_at(codec.encode(SparseTaskVector()))
         calls = []
         hook = model.register_forward_pre_hook(
-            lambda m, a, k, calls=calls: calls.append((k["input_ids"].shape[0], torch.is_autocast_enabled("cpu"))),
+            lambda m, a, k, calls=calls: calls.append(torch.is_autocast_enabled("cpu")),
             with_kwargs=True,
         )
         try:
             report = node.evaluate({"mask_aware": codec.encode(SparseTaskVector())})
         finally:
             hook.remove()
-        rows = sorted({b for b, _ in calls})
-        assert rows == [1, 3], rows  # batches of 3, 3 and 1 prompts
-        seen.append({a for _, a in calls})
+        assert batches == [3, 3, 1], batches  # 7 prompts in batches of 3
+        batches.clear()
+        seen.append(set(calls))
         said.append(report.eval_bf16)
     assert seen == [{True}, {False}]
     assert said == [True, False]
@@ -248,3 +257,14 @@ def test_default_model_converts_once_then_loads_from_cache(tmp_path, monkeypatch
     again, _ = load("default")  # from the safetensors cache now
     for (n, p), (_, q) in zip(model.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+def test_a_config_stored_before_eval_precision_keeps_its_evaluation():
+    """Settings stored before the key existed (a checkpoint, a comparison unit) evaluated as
+    the model trained: they read back as bf16 or float32, never as "auto" (which may mean
+    the other on this machine), so a resume or a stored unit cannot switch it unseen."""
+    from fl_lota.federated.runconfig import RunConfig
+
+    assert RunConfig.completed({"bf16": True})["eval_precision"] == "bf16"
+    assert RunConfig.completed({"bf16": False})["eval_precision"] == "float32"
+    assert RunConfig.completed({"bf16": True, "eval_precision": "auto"})["eval_precision"] == "auto"

@@ -209,6 +209,8 @@ class RunConfig:
         RunConfig since they were written filled in at their defaults: a key that did not
         exist then had its default's behaviour."""
         defaults = asdict(cls())
+        if "eval_precision" not in stored:  # before the key, evaluation generated as the model trained
+            defaults["eval_precision"] = "bf16" if stored.get("bf16", True) else "float32"
         return {k: stored.get(k, defaults[k]) if k in defaults else stored[k] for k in set(stored) | set(defaults)}
 
     # ---- derived settings -------------------------------------------------------------

@@ -103,6 +103,9 @@ MERGE_METHODS: dict[str, MergeFn] = {}
 
 
 def register(name: str) -> Callable[[MergeFn], MergeFn]:
+    """Add a method under ``name``: ``fn(vectors, weights, *, onto=None, **params)``, which
+    must honour ``onto`` (``merge(..., onto=G)`` is ``G.add(merged)``; ``_tensorwise`` does it)."""
+
     def deco(fn: MergeFn) -> MergeFn:
         MERGE_METHODS[name] = fn
         return fn

@@ -10,12 +10,13 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from fl_lota.tasks.base import Sample, Task
 from fl_lota.tasks.prompting import format_prompt
 from fl_lota.training.device import autocast_bf16
 
-__all__ = ["DEFAULT_BATCH", "evaluate", "generate"]
+__all__ = ["DEFAULT_BATCH", "MIN_SHARED_PREFIX", "evaluate", "generate", "shared_prefix"]
 
 # prompts per generation batch: on a 2-core CPU, SmolLM2-135M answered in 0.215 s per item
 # at 16 and 0.149 s at 64 (float32); a task's 100 test prompts in one batch took 10.9 s
@@ -43,8 +44,6 @@ def generate(
     ``bf16``: generate under bf16 autocast (as the model trained), 1.7x faster on a CPU
     with AMX than float32 (0.086 s against 0.149 s per answer, SmolLM2-135M, batch 64)."""
     device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -57,7 +56,6 @@ def generate(
                 new = _greedy(model, rows, tokenizer.pad_token_id, tokenizer.eos_token_id, max_new_tokens, device)
             out += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return out
 
@@ -77,7 +75,18 @@ def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
-def _greedy(model, rows: list[list[int]], pad: int, eos: int, max_new_tokens: int, device) -> torch.Tensor:
+def _can_share_prefix(model) -> bool:
+    """Whether a prefix's KV cache can be handed to ``generate`` and repeated for the batch:
+    a decoder whose generation config names no cache of its own (a model that asks for a
+    static or hybrid cache refuses one passed in)."""
+    return not getattr(model.config, "is_encoder_decoder", False) and (
+        getattr(getattr(model, "generation_config", None), "cache_implementation", None) is None
+    )
+
+
+def _greedy(
+    model, rows: list[list[int]], pad: int, eos: int, max_new_tokens: int, device: torch.device
+) -> torch.Tensor:
     """Greedy continuations of token ``rows`` (the new tokens, one row each, padded after
     EOS). The prefix every row shares (the chat template's system turn: 24 to 29 of 48 to 86
     tokens in the generated tasks) is run once and its KV cache repeated for the batch; each
@@ -87,9 +96,12 @@ def _greedy(model, rows: list[list[int]], pad: int, eos: int, max_new_tokens: in
     p = shared_prefix(rows)
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=eos)
     cache = None
-    if p >= MIN_SHARED_PREFIX:
-        cache = model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True).past_key_values
-        if not hasattr(cache, "batch_repeat_interleave"):  # a model whose cache cannot be repeated
+    if p >= MIN_SHARED_PREFIX and _can_share_prefix(model):
+        prefix = torch.tensor([rows[0][:p]], device=device)
+        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        # full-attention layers only: a sliding-window or linear-attention layer's state
+        # would not follow the padding between prefix and rows
+        if not (isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers)):
             cache = None
     if cache is None:
         width = max(len(r) for r in rows)

@@ -12,6 +12,7 @@ find the memory free.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import platform
@@ -97,7 +98,8 @@ def describe(device: torch.device) -> str:
     return f"{device} ({p.name}, {p.total_memory / 2**30:.1f} GiB)"
 
 
-def _cpu() -> tuple[str, set[str]]:
+@functools.cache
+def _cpu() -> tuple[str, frozenset[str]]:
     """This CPU's model name and instruction flags (Linux; elsewhere the platform's name and
     no flags)."""
     name, flags = platform.processor() or platform.machine(), set()
@@ -109,7 +111,7 @@ def _cpu() -> tuple[str, set[str]]:
             elif key.strip() == "flags":
                 flags = set(value.split())
                 break
-    return name, flags
+    return name, frozenset(flags)
 
 
 # how clients generate at evaluation (run-config key eval-precision)
