@@ -54,14 +54,6 @@ def random_sparse(shapes, density: float, seed: int, scale: float = 1e-4) -> Spa
     return SparseTaskVector(out)
 
 
-def rss_mb() -> float:
-    return memory.rss_mb()
-
-
-def peak_rss_mb() -> float:
-    return memory.peak_mb()
-
-
 def reset_peak_rss() -> None:
     """Reset the peak to the current RSS (Linux: write 5 to clear_refs)."""
     if not memory.reset_peak():

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import peak_rss_mb, random_sparse, reset_peak_rss, rss_mb, smollm2_shapes
+from common import random_sparse, reset_peak_rss, smollm2_shapes
+from fl_lota.federated import memory
 from fl_lota.merging.merge import MERGE_METHODS, merge
 
 
@@ -34,12 +35,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for method in MERGE_METHODS:
         params = {"k": 0.2} if method == "ties" else {}
-        before = rss_mb()
+        before = memory.rss_mb()
         reset_peak_rss()
         t = time.perf_counter()
         out = merge(method, vectors, **params)
         dt = time.perf_counter() - t
-        extra = peak_rss_mb() - before
+        extra = memory.peak_mb() - before
         print(f"| {method} | {dt:.2f} | {out.nnz:,} | {extra:,.0f} |")
         del out
 

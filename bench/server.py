@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import peak_rss_mb, random_sparse, reset_peak_rss, rss_mb, smollm2_shapes
+from common import random_sparse, reset_peak_rss, smollm2_shapes
+from fl_lota.federated import memory
 from fl_lota.federated.aggregator import Aggregator, Upload
 from fl_lota.federated.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fl_lota.federated.runconfig import RunConfig
@@ -33,7 +34,7 @@ SCOPE = {n: s for n, s in smollm2_shapes(with_embeddings=False).items() if len(s
 def one_round(n: int) -> dict:
     payloads = [codec.encode(random_sparse(SCOPE, 0.1, seed=i)) for i in range(n)]
     agg = Aggregator(RunConfig(), shapes=smollm2_shapes())
-    base = rss_mb()
+    base = memory.rss_mb()
     reset_peak_rss()
     t0 = time.perf_counter()
     r = agg.aggregate([Upload(str(i), p, 1.0, partition=i) for i, p in enumerate(payloads)])
@@ -43,7 +44,7 @@ def one_round(n: int) -> dict:
     return {
         "clients": n,
         "payload_mb": sum(map(len, payloads)) / 1e6,
-        "peak_extra_mb": peak_rss_mb() - base,
+        "peak_extra_mb": memory.peak_mb() - base,
         "decoded_upload_mb": nnz * 12 / 1e6,
         "dense_model_mb": sum(t.numel for t in agg.masks["0"].values()) * 4 / 1e6,
         "seconds": seconds,

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from fl_lota.tasks import TASKS, get_task
 from fl_lota.tasks.evaluate import evaluate
 from fl_lota.tasks.prompting import to_examples
-from fl_lota.training.device import EVAL_PRECISIONS, generation_bf16, resolve
+from fl_lota.training.device import EVAL_PRECISIONS, generation_bf16, precision_name, resolve
 from fl_lota.training.methods import FINETUNE_METHODS, finetune
 from fl_lota.training.models import DEFAULT_MODEL, load
 from fl_lota.training.train import TrainConfig
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace, task=None) -> dict:
     model, tok = load(args.model, device=str(device))
     eval_bf16 = generation_bf16(device, args.eval_precision, not args.no_bf16)
     out = {"task": task.name, "method": args.method, "metric": task.metric, "model": args.model}
-    out["eval_precision"] = "bf16" if eval_bf16 else "float32"
+    out["eval_precision"] = precision_name(eval_bf16)
     if not args.skip_base:
         out["base"] = evaluate(model, tok, task, bf16=eval_bf16)["score"]
     cfg = TrainConfig(

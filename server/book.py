@@ -34,6 +34,7 @@ from fl_lota.federated.protocol import EvalReport, TrainReport
 from fl_lota.federated.runconfig import RunConfig
 from fl_lota.tasks import task_label
 from fl_lota.training.data import client_stream_seed, stream_order
+from fl_lota.training.device import precision_name
 
 __all__ = ["RoundBook"]
 
@@ -331,5 +332,5 @@ def _num(v: object, digits: int = 3) -> str:
 
 
 def _precision(bf16: bool | None) -> str | None:
-    """How a client generated when it scored: "bf16" (autocast), "float32", None (it did not say)."""
-    return None if bf16 is None else ("bf16" if bf16 else "float32")
+    """How a client generated when it scored; None when it did not say."""
+    return None if bf16 is None else precision_name(bf16)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -30,6 +31,17 @@ def test_examples_end_with_eos_and_use_the_plain_format_without_template():
     assert format_prompt(tok, "hi") == "hi\nAnswer: "
 
 
+@contextmanager
+def forwards(model, what=lambda k: tuple(k["input_ids"].shape)):
+    """Record ``what(kwargs)`` of each forward call of ``model`` (default: its input shape)."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(what(k)), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
 def test_generation_is_deterministic_and_bounded():
     model, tok = load("tiny")
     prompts = ["Reverse: a, b", "Sort: c, a, b, d, e, f"]
@@ -49,12 +61,8 @@ def test_a_shared_prefix_runs_once_and_changes_no_reply():
     rows = [tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
     p = shared_prefix(rows)
     assert p == len(tok("Reverse the list: ", add_special_tokens=False)["input_ids"]) >= MIN_SHARED_PREFIX
-    calls = []
-    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True)
-    try:
+    with forwards(model) as calls:
         got = generate(model, tok, prompts, max_new_tokens=6, batch_size=3, progress=False)
-    finally:
-        hook.remove()
     assert calls[0] == (1, p) and calls[1] == (3, max(map(len, rows)) - p)
     want = []
     for r in rows:  # each alone: no padding, no shared cache
@@ -78,12 +86,8 @@ def test_a_model_with_its_own_cache_goes_the_plain_way():
     prompts = ["Reverse the list: a, b", "Reverse the list: c, d, e, f"]
     want = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False)
     model.generation_config.cache_implementation = "static"
-    calls = []
-    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True)
-    try:
+    with forwards(model) as calls:
         got = generate(model, tok, prompts, max_new_tokens=6, batch_size=2, progress=False)
-    finally:
-        hook.remove()
     rows = [tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
     assert calls[0] == (2, max(map(len, rows)))  # no one-row prefix forward: whole rows at once
     assert got == want
@@ -131,15 +135,8 @@ def test_a_clients_evaluation_uses_its_batch_size_and_bf16_autocast(monkeypatch)
         )
         node = LocalNode(cfg, 0)
         model, _, _ = node._model_at(codec.encode(SparseTaskVector()))
-        calls = []
-        hook = model.register_forward_pre_hook(
-            lambda m, a, k, calls=calls: calls.append(torch.is_autocast_enabled("cpu")),
-            with_kwargs=True,
-        )
-        try:
+        with forwards(model, lambda k: torch.is_autocast_enabled("cpu")) as calls:
             report = node.evaluate({"mask_aware": codec.encode(SparseTaskVector())})
-        finally:
-            hook.remove()
         assert batches == [3, 3, 1], batches  # 7 prompts in batches of 3
         batches.clear()
         seen.append(set(calls))

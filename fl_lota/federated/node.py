@@ -89,6 +89,7 @@ class LocalNode:
         how much of the GPU this client was given, named in an out-of-memory error. A
         device this process cannot use is a DeviceError here, before any round."""
         self.device = devices.resolve(cfg.device)
+        self.eval_bf16 = cfg.eval_bf16(self.device)  # generation under bf16 autocast (eval-precision)
         self.gpu_share = gpu_share
         self.cfg = cfg
         self.partition_id = partition_id
@@ -145,10 +146,9 @@ class LocalNode:
     def _scores(self, model, tok) -> dict[str, float]:
         """Task -> score of ``model`` on this client's test split(s)."""
         cfg = self.cfg
-        bf16 = cfg.eval_bf16(self.device)
         return {
             task.name: float(
-                evaluate(model, tok, task, progress=False, batch_size=cfg.eval_batch_size, bf16=bf16)["score"]
+                evaluate(model, tok, task, progress=False, batch_size=cfg.eval_batch_size, bf16=self.eval_bf16)["score"]
             )
             for task in self.data.tasks
         }
@@ -286,7 +286,7 @@ class LocalNode:
             values_only=values_only,
             index_entropy_bytes=0.0 if values_only else codec.index_entropy_bytes(upload),
             eval_seconds=eval_s,
-            eval_bf16=None if eval_s is None else cfg.eval_bf16(self.device),
+            eval_bf16=None if eval_s is None else self.eval_bf16,
             gpu_peak_bytes=self._peak(),
             phase_seconds=dict(res.phases),
             start_scores=start_scores,
@@ -312,7 +312,7 @@ class LocalNode:
             partition=self.partition_id,
             num_examples=sum(self.test_items.values()),
             eval_seconds=time.perf_counter() - t0,
-            eval_bf16=self.cfg.eval_bf16(self.device),
+            eval_bf16=self.eval_bf16,
             gpu_peak_bytes=self._peak(),
             scores=scores,
             test_items=self.test_items,

@@ -196,7 +196,7 @@ class RunConfig:
         which comparison units are stored and reused."""
         out = {k: v for k, v in asdict(self).items() if k not in COSMETIC}
         if self.eval_precision == "auto":  # what "auto" is on this machine: it changes the scores
-            out["eval_precision"] = "bf16" if self.eval_bf16() else "float32"
+            out["eval_precision"] = devices.precision_name(self.eval_bf16())
         return out
 
     def resumable(self) -> dict[str, object]:
@@ -210,7 +210,7 @@ class RunConfig:
         exist then had its default's behaviour."""
         defaults = asdict(cls())
         if "eval_precision" not in stored:  # before the key, evaluation generated as the model trained
-            defaults["eval_precision"] = "bf16" if stored.get("bf16", True) else "float32"
+            defaults["eval_precision"] = devices.precision_name(bool(stored.get("bf16", True)))
         return {k: stored.get(k, defaults[k]) if k in defaults else stored[k] for k in set(stored) | set(defaults)}
 
     # ---- derived settings -------------------------------------------------------------

@@ -92,27 +92,33 @@ def _greedy(
     tokens in the generated tasks) is run once and its KV cache repeated for the batch; each
     row's own tokens follow it, padded between prefix and suffix (masked out, positions
     counted from the mask), so no row pays for another's prefix or padding in the prefix.
-    Rows sharing too little go the plain way: left padding."""
+    Rows sharing too little go the plain way: no prefix, which is left padding."""
     p = shared_prefix(rows)
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad, eos_token_id=eos)
     cache = None
     if p >= MIN_SHARED_PREFIX and _can_share_prefix(model):
-        prefix = torch.tensor([rows[0][:p]], device=device)
-        cache = model(input_ids=prefix, use_cache=True).past_key_values
+        cache = model(input_ids=torch.tensor([rows[0][:p]], device=device), use_cache=True).past_key_values
         # full-attention layers only: a sliding-window or linear-attention layer's state
         # would not follow the padding between prefix and rows
-        if not (isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers)):
+        if isinstance(cache, DynamicCache) and all(type(x) is DynamicLayer for x in cache.layers):
+            cache.batch_repeat_interleave(len(rows))
+        else:
             cache = None
     if cache is None:
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        return model.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:]
-    cache.batch_repeat_interleave(len(rows))
-    width = max(len(r) for r in rows) - p
+        p = 0
+    width = max(len(r) for r in rows) - p  # the longest row's own tokens
     ids = torch.tensor([r[:p] + [pad] * (width - len(r) + p) + r[p:] for r in rows], device=device)
     mask = torch.tensor([[1] * p + [0] * (width - len(r) + p) + [1] * (len(r) - p) for r in rows], device=device)
-    return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kw)[:, p + width :]
+    gen = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    return gen[:, p + width :]
 
 
 def evaluate(

@@ -29,6 +29,7 @@ __all__ = [
     "autocast_bf16",
     "describe",
     "generation_bf16",
+    "precision_name",
     "peak_bytes",
     "release",
     "resolve",
@@ -134,6 +135,12 @@ def generation_bf16(device: torch.device, precision: str, bf16: bool) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
     return "amx_bf16" in _cpu()[1]
+
+
+def precision_name(bf16: bool) -> str:
+    """The ``eval-precision`` value that names how a model generated: "bf16" (autocast) or
+    "float32"."""
+    return "bf16" if bf16 else "float32"
 
 
 def machine(device: torch.device) -> str:
