@@ -307,3 +307,66 @@ def test_mutated_payloads_raise_only_codec_error(edits, sign):
         data = bytearray(resign(data))  # get past the checksum to the structural checks
     with contextlib.suppress(CodecError):
         decode(bytes(data))
+
+
+def test_tensors_over_several_pieces_round_trip_with_gaps_escaped_at_a_piece_boundary():
+    """encode streams each tensor CHUNK entries at a time: positions, gap codes, escaped gaps
+    and value planes that cross a piece boundary come back exactly."""
+    n = 2 * fltv.CHUNK + 1000
+    g = torch.Generator().manual_seed(3)
+    step = torch.randint(1, 4, (n,), generator=g)
+    step[fltv.CHUNK] = 70_000  # an escaped gap as the first of the second piece
+    step[fltv.CHUNK - 1] = 300  # and one as the last of the first
+    idx = torch.cumsum(step, 0) - 1
+    vals = torch.randn(n, generator=g)
+    tv = SparseTaskVector({"w": SparseTensor((int(idx[-1]) + 5,), idx, vals)})
+    for values in ("float32", "bf16", "int8"):
+        back = decode(encode(tv, values=values))
+        assert torch.equal(back["w"].indices, tv["w"].indices)
+        want = {"float32": vals, "bf16": vals.to(torch.bfloat16).float()}.get(values)
+        if want is not None:
+            assert torch.equal(back["w"].values, want)
+        else:  # int8: one scale for the tensor, every value within half a step
+            scale = float(vals.abs().max()) / 127
+            assert float((back["w"].values - vals).abs().max()) <= scale / 2 + 1e-6
+        again = decode(encode(back, values=values, values_only=True), mask=back)
+        assert torch.equal(again["w"].values, back["w"].values)
+
+
+def test_native_decode_holds_bf16_values_as_sent_and_nothing_else_changes():
+    tv = make_tv()
+    full = decode(encode(tv, values="bf16"))
+    native = decode(encode(tv, values="bf16"), native=True)
+    for n in tv:
+        assert native[n].values.dtype == torch.bfloat16
+        assert torch.equal(native[n].values.float(), full[n].values)
+        assert torch.equal(native[n].indices, full[n].indices)
+    # float32 and int8 payloads carry values bf16 cannot hold: they stay float32
+    for values in ("float32", "int8"):
+        got = decode(encode(tv, values=values), native=True)
+        assert all(t.values.dtype == torch.float32 for t in got.values())
+
+
+def test_a_vector_whose_tensors_change_between_the_two_passes_is_refused():
+    """encode_tensors asks for the tensors twice (sizes, then streams): a producer that
+    gives other tensors the second time gets a CodecError, not a payload that lies."""
+    tv = make_tv()
+    calls = []
+
+    def shifting():
+        calls.append(1)
+        items = list(tv.items())
+        return items if len(calls) == 1 else items[:1]
+
+    with pytest.raises(CodecError, match="changed between"):
+        codec.encode_tensors(shifting)
+    calls.clear()
+
+    def other_values():
+        calls.append(1)
+        if len(calls) == 1:
+            return list(tv.items())
+        return [(n, SparseTensor(t.shape, t.flat_indices()[:-1], t.values[:-1])) for n, t in tv.items()]
+
+    with pytest.raises(CodecError, match="changed between"):
+        codec.encode_tensors(other_values)

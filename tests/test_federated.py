@@ -85,8 +85,12 @@ def test_global_update_is_what_clients_decode():
     agg.aggregate([Upload("1", codec.encode(sparse_tv(0)), 1), Upload("2", codec.encode(sparse_tv(1)), 1)])
     received = codec.decode(agg.global_payload)
     for n in received:
-        assert torch.equal(received[n].values, agg.global_tv[n].values)
+        assert torch.equal(received[n].values, agg.global_tv[n].values.float())
         assert torch.equal(received[n].flat_indices(), agg.global_tv[n].flat_indices())
+    # held compactly: G's bf16 values as bfloat16 (exact), positions and masks as int32
+    for t in [*agg.global_tv.values(), *(m for mask in agg.masks.values() for m in mask.values())]:
+        assert t.indices is None or t.indices.dtype == torch.int32
+    assert all(t.values.dtype == torch.bfloat16 for t in agg.global_tv.values())
 
 
 @pytest.mark.parametrize(

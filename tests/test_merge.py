@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from fl_lota.merging.merge import MERGE_METHODS, elect_sign, masked_mean, merge, trim_top_k
+from fl_lota.merging.merge import MERGE_METHODS, elect_sign, masked_mean, merge, merge_tensors, trim_top_k
+from fl_lota.vectors import codec
 from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 
@@ -157,3 +158,8 @@ def test_merging_onto_g_is_g_plus_the_merge_bit_for_bit(method):
         if want[n].indices is not None:
             assert torch.equal(got[n].indices, want[n].indices)
         assert torch.equal(got[n].values.view(torch.int32), want[n].values.view(torch.int32)), n
+    # the encoder's way: the same tensors built one at a time, each time it asks, and the
+    # same payload as encoding the merge held whole
+    tensors = merge_tensors(method, ups, [1.0, 2.0, 3.0], onto=G, **params)
+    assert [n for n, _ in tensors()] == list(want) == [n for n, _ in tensors()]
+    assert codec.encode_tensors(tensors, values="float32") == codec.encode(want, values="float32")

@@ -139,10 +139,14 @@ def test_a_merge_that_fails_leaves_the_global_model_and_the_run_going(tmp_path, 
     strategy, book = make(tmp_path)
     before = strategy.aggregator.global_payload
 
-    def broken(*a, **k):
-        raise FloatingPointError("overflow in the weighted sum")
+    def broken(*a, **k):  # fails as the encoder asks for the first tensor of G + merge
+        def tensors():
+            raise FloatingPointError("overflow in the weighted sum")
+            yield
 
-    monkeypatch.setattr(fedserver, "merge", broken)
+        return tensors
+
+    monkeypatch.setattr(fedserver, "merge_tensors", broken)
     book.start_round(1, {11: 1})
     strategy.aggregate_train(1, [train_reply(11, codec.encode(sparse_tv(1)), 0)])
     assert strategy.aggregator.global_payload == before

@@ -80,3 +80,26 @@ def test_load_errors_name_the_problem(tmp_path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not an fl_lota task vector"):
         SparseTaskVector.load(tmp_path / "other.safetensors")
+
+
+def test_indices_are_held_as_int32_where_the_tensor_allows_and_files_keep_int64(tmp_path):
+    from safetensors.torch import load_file
+
+    from fl_lota.vectors.task_vector import index_dtype
+
+    t = SparseTensor((4, 5), torch.tensor([1, 7, 19], dtype=torch.int64), torch.tensor([1.0, 2.0, 3.0]))
+    assert t.indices.dtype == torch.int32 and t.indices.tolist() == [1, 7, 19]
+    assert t.flat_indices().dtype == torch.int32
+    assert SparseTensor((4, 5), None, torch.zeros(20)).flat_indices().dtype == torch.int32
+    # a tensor with more than 2^31 entries needs int64 positions (an empty one costs nothing)
+    huge = SparseTensor((2**31 + 1,), torch.zeros(0, dtype=torch.int32), torch.zeros(0))
+    assert huge.indices.dtype == torch.int64 and index_dtype(2**31) == torch.int32
+    with pytest.raises(ValueError, match="int32 or int64"):
+        SparseTensor((4,), torch.tensor([0, 1], dtype=torch.int16), torch.ones(2))
+    tv = SparseTaskVector({"w": t, "b": SparseTensor((2,), None, torch.ones(2, dtype=torch.bfloat16))})
+    tv.save(tmp_path / "tv.safetensors")
+    raw = load_file(str(tmp_path / "tv.safetensors"))
+    assert raw["w::indices"].dtype == torch.int64 and raw["w::values"].dtype == torch.float32
+    assert raw["b::values"].dtype == torch.float32  # the format's value type, whatever is held
+    back = SparseTaskVector.load(tmp_path / "tv.safetensors")
+    assert back["w"].indices.dtype == torch.int32 and torch.equal(back["w"].indices, t.indices)

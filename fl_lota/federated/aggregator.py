@@ -4,7 +4,8 @@ model, and keep the books. ``server/strategy.py`` wraps this in a Flower strateg
 State: ``G``, the cumulative merged update (the global model is ``base + G``), and the
 mask each LoTA client registered with its first (full) upload, against which its later
 values-only uploads are decoded. ``G`` is kept exactly as clients decode it from the wire
-(``decode(encode(G))``), so server and clients hold bit-identical global weights.
+(``decode(encode(G))``), so server and clients hold bit-identical global weights; bf16
+values are held as bfloat16 (exact), indices as int32.
 
 Masks and partitions are bound to the sender's identity (Flower's node id; on the
 deployment engine with SuperNode authentication, an authenticated key): the first node to
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 
 from fl_lota.federated.protocol import TrainReport
 from fl_lota.federated.runconfig import RunConfig
-from fl_lota.merging.merge import merge
+from fl_lota.merging.merge import merge_tensors
 from fl_lota.vectors import codec, lowrank
 from fl_lota.vectors.task_vector import SparseTaskVector
 
@@ -123,7 +124,7 @@ class Aggregator:
         """State from a checkpoint: ``G`` as the clients decoded it, the masks and who owns
         each partition (a node id that is gone is taken over by the next node reporting it)."""
         self.global_payload = codec.encode(global_tv, values=self.cfg.values)
-        self.global_tv = codec.decode(self.global_payload)
+        self.global_tv = codec.decode(self.global_payload, native=True)
         self.masks = {k: m.support() for k, m in masks.items()}
         self.owners = {int(p): str(n) for p, n in owners.items()}
         self.candidates = {}
@@ -200,7 +201,8 @@ class Aggregator:
             else:
                 mask = None
             try:
-                tv = codec.decode(up.payload, mask=mask, **limits)  # mask: None for a full upload
+                # bf16 values held as sent (half the memory of float32); merges compute in float32
+                tv = codec.decode(up.payload, mask=mask, native=True, **limits)  # mask: None for a full upload
             except codec.MaskMismatchError:
                 self.resend_mask.add(up.client)
                 raise
@@ -255,7 +257,7 @@ class Aggregator:
         if norm <= self.cfg.clip_norm:
             return tv
         f = self.cfg.clip_norm / norm
-        return tv.with_values({n: t.values * f for n, t in tv.items()})
+        return tv.with_values({n: t.values.float() * f for n, t in tv.items()})
 
     def aggregate(self, uploads: Sequence[Upload], online: set[str] | None = None) -> RoundMerge:
         """Merge this round's uploads into ``G`` with the run's merge method, and build the
@@ -287,13 +289,13 @@ class Aggregator:
         if vectors:
             try:
                 for name in self.cfg.merges:
-                    # G + merge, built tensor by tensor and dropped once encoded: the merged
-                    # update is never held whole, nor the sum beside its decoded payload
-                    summed = merge(name, vectors, weights, onto=self.global_tv, **self.cfg.merge_params(name))
-                    self.candidates[name] = codec.encode(summed, values=self.cfg.values)
-                    del summed
+                    # G + merge, each tensor built as the encoder reaches it (twice: sizes,
+                    # then streams) and dropped once encoded: the sum is never held whole
+                    tensors = merge_tensors(name, vectors, weights, onto=self.global_tv, **self.cfg.merge_params(name))
+                    self.candidates[name] = codec.encode_tensors(tensors, values=self.cfg.values)
+                    del tensors
                 del vectors[:]  # the decoded uploads are not needed any more
-                new_tv = codec.decode(self.candidates[self.cfg.merge])
+                new_tv = codec.decode(self.candidates[self.cfg.merge], native=True)
             except (ValueError, RuntimeError, FloatingPointError) as e:  # CodecError included
                 # accepted uploads are bounded, so this is not expected; if it happens the
                 # round leaves G as it was rather than stopping the run or storing garbage

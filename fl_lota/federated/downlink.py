@@ -60,7 +60,8 @@ def digest(tv: SparseTaskVector) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, t in canonical(tv).items():
         h.update(name.encode() + b"\0" + repr(t.shape).encode())
-        h.update(b"dense" if t.indices is None else t.indices.cpu().numpy().tobytes())
+        # positions as int64 bytes: the digest does not depend on the dtype they are held in
+        h.update(b"dense" if t.indices is None else t.indices.to(torch.int64).cpu().numpy().tobytes())
         h.update(t.values.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
@@ -87,7 +88,7 @@ def same_support(a: SparseTaskVector, b: SparseTaskVector) -> bool:
         tb = b[name]
         if ta.shape != tb.shape or (ta.indices is None) != (tb.indices is None):
             return False
-        if ta.indices is not None and not torch.equal(ta.indices, tb.indices):
+        if ta.indices is not None and not torch.equal(ta.indices, tb.indices.to(ta.indices.dtype)):
             return False
     return True
 

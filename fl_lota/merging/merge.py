@@ -23,14 +23,14 @@ size of the largest single tensor, never clients x parameters dense.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from fl_lota.training.masks import top_k_flat
 from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
-__all__ = ["MERGE_METHODS", "elect_sign", "masked_mean", "merge", "register", "trim_top_k"]
+__all__ = ["MERGE_METHODS", "elect_sign", "masked_mean", "merge", "merge_tensors", "register", "trim_top_k"]
 
 # one tensor's inputs: per vector (indices or None for dense, values), aligned with weights
 Entries = list[tuple[torch.Tensor | None, torch.Tensor]]
@@ -98,13 +98,18 @@ def masked_mean(
 
 # ---------------------------------------------------------------------------- methods
 
-MergeFn = Callable[..., SparseTaskVector]
+# one tensor's merge: (entries, weights, numel) -> (indices, values)
+One = Callable[[Entries, Sequence[float], int], tuple[torch.Tensor, torch.Tensor]]
+# a method prepares its inputs (TIES trims them) and says how each tensor merges
+Plan = tuple[Sequence[SparseTaskVector], Sequence[float], One]
+MergeFn = Callable[..., Plan]
 MERGE_METHODS: dict[str, MergeFn] = {}
 
 
 def register(name: str) -> Callable[[MergeFn], MergeFn]:
-    """Add a method under ``name``: ``fn(vectors, weights, *, onto=None, **params)``, which
-    must honour ``onto`` (``merge(..., onto=G)`` is ``G.add(merged)``; ``_tensorwise`` does it)."""
+    """Add a method under ``name``: ``fn(vectors, weights, **params) -> (vectors, weights,
+    one)``, the (prepared) vectors and weights and ``one(entries, weights, numel) ->
+    (indices, values)``, which merges one tensor's entries."""
 
     def deco(fn: MergeFn) -> MergeFn:
         MERGE_METHODS[name] = fn
@@ -113,34 +118,34 @@ def register(name: str) -> Callable[[MergeFn], MergeFn]:
     return deco
 
 
-def _tensorwise(
-    vectors: Sequence[SparseTaskVector],
-    weights: Sequence[float],
-    one: Callable[[Entries, Sequence[float], int], tuple[torch.Tensor, torch.Tensor]],
-    onto: SparseTaskVector | None = None,
-) -> SparseTaskVector:
-    """Apply ``one`` to each tensor name (union over vectors, first-seen order); vectors
-    without that tensor do not take part in it. ``onto``: return ``onto.add(merged)``, one
-    tensor at a time, so that the merged update is never held whole beside the sum."""
+def _tensors(plan: Plan, onto: SparseTaskVector | None) -> Iterator[tuple[str, SparseTensor]]:
+    """The merge, one tensor at a time: each tensor name of the vectors (union, first-seen
+    order; vectors without it do not take part in it). ``onto``: the tensors of
+    ``onto.add(merged)``, in its order (onto's tensors, then the merge's new ones), each
+    built when it is yielded."""
+    vectors, weights, one = plan
     names: dict[str, tuple[int, ...]] = {}
     for v in vectors:
         for name, t in v.items():
             if name in names and names[name] != t.shape:
                 raise ValueError(f"{name}: shapes disagree across vectors ({names[name]} vs {t.shape})")
             names.setdefault(name, t.shape)
-    out = {}
-    for name, shape in names.items():
+
+    def merged(name: str) -> SparseTensor:
         part = [(v[name], w) for v, w in zip(vectors, weights, strict=True) if name in v]
-        entries = [(t.indices, t.values) for t, _ in part]
-        idx, vals = one(entries, [w for _, w in part], math.prod(shape))
-        out[name] = SparseTensor(shape, idx, vals)
-        if onto is not None:
-            out[name] = _add_one(onto, name, out[name])
+        idx, vals = one([(t.indices, t.values) for t, _ in part], [w for _, w in part], math.prod(names[name]))
+        return SparseTensor(names[name], idx, vals)
+
     if onto is None:
-        return SparseTaskVector(out)
-    # onto.add(merged)'s order and arithmetic: onto's tensors, then the merge's new ones;
+        for name in names:
+            yield name, merged(name)
+        return
     # a tensor of onto that the merge leaves alone goes through the same sum (0 + a)
-    return SparseTaskVector({n: out[n] if n in out else _add_one(onto, n, None) for n in dict.fromkeys([*onto, *out])})
+    for name in onto:
+        yield name, _add_one(onto, name, merged(name) if name in names else None)
+    for name in names:
+        if name not in onto:
+            yield name, _add_one(onto, name, merged(name))
 
 
 def _add_one(onto: SparseTaskVector, name: str, t: SparseTensor | None) -> SparseTensor:
@@ -150,36 +155,35 @@ def _add_one(onto: SparseTaskVector, name: str, t: SparseTensor | None) -> Spars
 
 
 @register("mask_aware")
-def mask_aware(vectors, weights, *, lam: float = 1.0, onto=None) -> SparseTaskVector:
+def mask_aware(vectors, weights, *, lam: float = 1.0) -> Plan:
     def one(entries, w, numel):
         idx, vals = masked_mean(entries, w, numel, divisor="holders")
         return idx, vals * lam
 
-    return _tensorwise(vectors, weights, one, onto)
+    return vectors, weights, one
 
 
 @register("fedavg")
-def fedavg(vectors, weights, *, onto=None) -> SparseTaskVector:
+def fedavg(vectors, weights) -> Plan:
     total = float(sum(weights))  # divide by all clients, also where few hold a coordinate
-    scaled = [w / total for w in weights]
 
     def one(entries, w, numel):
         return masked_mean(entries, w, numel, divisor="none")
 
-    return _tensorwise(vectors, scaled, one, onto)
+    return vectors, [w / total for w in weights], one
 
 
 @register("task_arithmetic")
-def task_arithmetic(vectors, weights, *, lam: float = 1.0, onto=None) -> SparseTaskVector:
+def task_arithmetic(vectors, weights, *, lam: float = 1.0) -> Plan:
     def one(entries, w, numel):
         idx, vals = masked_mean(entries, w, numel, divisor="none")
         return idx, vals * lam
 
-    return _tensorwise(vectors, [1.0] * len(vectors), one, onto)  # weights unused: see the module docstring
+    return vectors, [1.0] * len(vectors), one  # weights unused: see the module docstring
 
 
 @register("ties")
-def ties(vectors, weights, *, k: float = 0.2, lam: float = 1.0, trim: str = "global", onto=None) -> SparseTaskVector:
+def ties(vectors, weights, *, k: float = 0.2, lam: float = 1.0, trim: str = "global") -> Plan:
     """k: density kept per vector, as a fraction of its numel (0.2 = top 20% of all
     coordinates; a vector already sparser than k keeps every entry, it is not re-trimmed).
     trim: "global" (one threshold per vector, reference code) or "per_tensor" (mergekit)."""
@@ -213,7 +217,20 @@ def ties(vectors, weights, *, k: float = 0.2, lam: float = 1.0, trim: str = "glo
         idx, vals = masked_mean(entries, w, numel, include=agree, divisor="holders")
         return idx, vals * lam
 
-    return _tensorwise(trimmed, weights, one, onto)
+    return trimmed, weights, one
+
+
+def _plan(method: str, vectors: Sequence[SparseTaskVector], weights: Sequence[float] | None, params) -> Plan:
+    if method not in MERGE_METHODS:
+        raise ValueError(f"unknown merge method {method!r}; known: {sorted(MERGE_METHODS)}")
+    if not vectors:
+        raise ValueError("nothing to merge: no task vectors given")
+    weights = [1.0] * len(vectors) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(vectors):
+        raise ValueError(f"{len(weights)} weights for {len(vectors)} vectors")
+    if any(not (w > 0) for w in weights):
+        raise ValueError(f"merge weights must be positive, got {weights}")
+    return MERGE_METHODS[method](list(vectors), weights, **params)
 
 
 def merge(
@@ -228,15 +245,19 @@ def merge(
     pass example counts); they must be positive. ``params`` go to the method
     (``lam``; for ties also ``k`` and ``trim``). ``onto``: return ``onto.add(merged)``,
     bit for bit, built tensor by tensor (the merged update is never held whole)."""
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; known: {sorted(MERGE_METHODS)}")
-    if not vectors:
-        raise ValueError("nothing to merge: no task vectors given")
-    weights = [1.0] * len(vectors) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(vectors):
-        raise ValueError(f"{len(weights)} weights for {len(vectors)} vectors")
-    if any(not (w > 0) for w in weights):
-        raise ValueError(f"merge weights must be positive, got {weights}")
-    if onto is not None:
-        params["onto"] = onto
-    return MERGE_METHODS[method](list(vectors), weights, **params)
+    return SparseTaskVector(dict(_tensors(_plan(method, vectors, weights, params), onto)))
+
+
+def merge_tensors(
+    method: str,
+    vectors: Sequence[SparseTaskVector],
+    weights: Sequence[float] | None = None,
+    *,
+    onto: SparseTaskVector | None = None,
+    **params,
+) -> Callable[[], Iterator[tuple[str, SparseTensor]]]:
+    """``merge(...)``'s tensors, built one at a time each time the returned function is
+    called (the method's preparation, e.g. TIES's trimming, is done once, here): for a
+    consumer that holds one tensor at a time (``codec.encode_tensors``)."""
+    plan = _plan(method, vectors, weights, params)
+    return lambda: _tensors(plan, onto)

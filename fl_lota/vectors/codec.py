@@ -5,9 +5,10 @@ format's layout and limits are in ``fl_lota.vectors.fltv``. Every malformed inpu
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -38,13 +39,14 @@ from fl_lota.vectors.fltv import (
     as_layout,
     body_checksum,
     bytes_to_values,
+    fingerprint_update,
     gap_codes,
     index_entropy_bits,
     index_entropy_bytes,
     mask_fingerprint,
-    values_to_bytes,
+    value_plane,
 )
-from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor, index_dtype
 
 __all__ = [
     "HEADER",
@@ -55,6 +57,7 @@ __all__ = [
     "MaskMismatchError",
     "decode",
     "encode",
+    "encode_tensors",
     "index_entropy_bits",
     "index_entropy_bytes",
     "mask_fingerprint",
@@ -77,62 +80,118 @@ def encode(
     level: zstd level. 1 is the default because it is both the fastest and the tightest
     here: gap codes and value bytes are close to i.i.d., so the longer match search of
     higher levels only adds overhead (measured: 4.75 vs 4.82 bits per index at level 3)."""
+    return encode_tensors(tv.items, values=values, values_only=values_only, level=level)
+
+
+def encode_tensors(
+    tensors: Callable[[], Iterable[tuple[str, SparseTensor]]],
+    *,
+    values: str = "bf16",
+    values_only: bool = False,
+    level: int = 1,
+) -> bytes:
+    """``encode`` of a vector given as a function that yields its tensors; it is called
+    twice (the table and sizes, then the streams) and must yield the same tensors both
+    times. Every stream is compressed as it is produced, ``CHUNK`` entries at a time, so
+    beside the compressed output memory holds one tensor and one piece: the vector itself
+    need never be whole (``merge_tensors`` builds each tensor of ``G + merge`` on demand)."""
     if values not in VALUE_DTYPES:
         raise CodecError(f"unknown value dtype {values!r}; known: {sorted(VALUE_DTYPES)}")
-    if len(tv) > MAX_TENSORS:
-        raise CodecError(f"{len(tv)} tensors exceed the format's limit of {MAX_TENSORS}")
     dcode = VALUE_DTYPES[values]
-    table = [struct.pack("<I", len(tv))]
-    codes_parts, big_parts, value_parts = [], [], []
-    for name, t in tv.items():
+    table, sizes = [b""], []  # sizes: (name, shape, nnz, scale) per tensor, from the first pass
+    fp = hashlib.blake2b(digest_size=8)
+    n_codes = n_escapes = n_values = 0
+    for name, t in tensors():
+        if len(sizes) >= MAX_TENSORS:
+            raise CodecError(f"more than the format's limit of {MAX_TENSORS} tensors")
         nb = name.encode("utf-8")
         if not nb or len(nb) > 0xFFFF:
             raise CodecError(f"tensor name {name!r} must be 1..65535 bytes of UTF-8")
         if len(t.shape) > MAX_NDIM or t.numel > MAX_NUMEL:
             raise CodecError(f"{name}: shape {t.shape} exceeds the format's limits")
-        v = t.values.detach().float().cpu().reshape(-1)
-        if not torch.isfinite(v).all():
+        v = t.values.detach()
+        if not bool(torch.isfinite(v).all()):
             raise CodecError(f"{name}: values hold NaN or Inf")
         scale = 1.0
         if dcode == 2:
             amax = float(v.abs().max()) if v.numel() else 0.0
             scale = amax / 127.0 if amax > 0 else 1.0
-            v = torch.round(v / scale).clamp_(-127, 127).to(torch.int8)
-        value_parts.append(v)
-        flags = FLAG_DENSE if t.indices is None else 0
         if t.indices is not None and not values_only:
             idx = t.indices.cpu().numpy()
             if idx.size and (idx[0] < 0 or idx[-1] >= t.numel):
                 raise CodecError(f"{name}: indices outside [0, {t.numel})")
-            if idx.size > 1 and not (np.diff(idx) > 0).all():
+            if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
                 raise CodecError(f"{name}: indices must be strictly increasing")
-            c, b = gap_codes(idx)
-            codes_parts.append(c)
-            big_parts.append(b)
+            n_codes += idx.size
+            n_escapes += sum(len(big) for _, big in _gap_pieces(idx))
+        n_values += t.nnz
+        fingerprint_update(fp, name, t.shape, t.indices)
         table.append(struct.pack("<H", len(nb)) + nb + struct.pack(f"<B{len(t.shape)}Q", len(t.shape), *t.shape))
-        table.append(struct.pack("<BQf", flags, t.nnz, scale))
+        table.append(struct.pack("<BQf", FLAG_DENSE if t.indices is None else 0, t.nnz, scale))
+        sizes.append((name, t.shape, t.nnz, scale))
+    table[0] = struct.pack("<I", len(sizes))
 
     params = zstandard.ZstdCompressionParameters.from_level(level)
     if params.window_log > MAX_WINDOW_LOG:  # a receiver refuses frames that need a larger window
         params = zstandard.ZstdCompressionParameters.from_level(level, window_log=MAX_WINDOW_LOG)
-    cctx = zstandard.ZstdCompressor(compression_params=params)
-    streams = []
-    if not values_only:
-        streams.append(np.concatenate(codes_parts).tobytes() if codes_parts else b"")
-        streams.append(np.concatenate(big_parts).tobytes() if big_parts else b"")
-    planes = values_to_bytes(torch.cat(value_parts), dcode) if value_parts else b""
-    n_total = sum(p.numel() for p in value_parts)
-    k = PLANES[dcode]
-    for i in range(k):
-        streams.append(planes[i * n_total : (i + 1) * n_total])
-    body = bytearray(b"".join(table))
-    for s in streams:
-        comp = cctx.compress(s)
-        body += struct.pack("<QQ", len(s), len(comp)) + comp
+    # one compressor per stream, all fed in the same pass
+    streams = [] if values_only else [_Stream(params, n_codes), _Stream(params, 8 * n_escapes)]
+    planes = [_Stream(params, n_values) for _ in range(PLANES[dcode])]
+    seen = 0
+    for name, t in tensors():
+        if seen >= len(sizes) or sizes[seen][:3] != (name, t.shape, t.nnz):
+            raise CodecError(f"{name}: the tensors changed between encode_tensors' two passes")
+        scale = sizes[seen][3]
+        seen += 1
+        if t.indices is not None and not values_only:
+            for codes, big in _gap_pieces(t.indices.cpu().numpy()):
+                streams[0].add(codes.tobytes())
+                streams[1].add(big.tobytes())
+        flat = t.values.detach().reshape(-1)
+        for lo in range(0, flat.numel(), CHUNK):
+            v = flat[lo : lo + CHUNK].float().cpu()
+            if dcode == 2:
+                v = torch.round(v / scale).clamp_(-127, 127).to(torch.int8)
+            for i, plane in enumerate(planes):
+                plane.add(value_plane(v, dcode, i))
+    if seen != len(sizes):
+        raise CodecError("the tensors changed between encode_tensors' two passes")
+    # the body as parts, joined once into the payload: no copy of the whole body beside it
+    parts = [b"".join(table)]
+    for stream in (*streams, *planes):
+        parts.extend(stream.finish())
     mode = MODE_VALUES_ONLY if values_only else MODE_FULL
-    fp = mask_fingerprint(tv)
-    head = HEADER.pack(MAGIC, VERSION, mode, dcode, 0, fp, len(body), b"\0" * 16)[:24]
-    return head + body_checksum(head, body) + bytes(body)
+    head = HEADER.pack(MAGIC, VERSION, mode, dcode, 0, fp.digest(), sum(map(len, parts)), b"\0" * 16)[:24]
+    check = hashlib.blake2b(digest_size=16)  # body_checksum(head, body), part by part
+    for part in (head, *parts):
+        check.update(part)
+    return b"".join([head, check.digest(), *parts])
+
+
+def _gap_pieces(idx: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(codes, escapes) of one tensor's positions, ``CHUNK`` at a time."""
+    prev = -1
+    for lo in range(0, idx.size, CHUNK):
+        piece = idx[lo : lo + CHUNK]
+        yield gap_codes(piece, prev)
+        prev = int(piece[-1])
+
+
+class _Stream:
+    """One stream of a payload: a zstd frame that declares ``size`` bytes, compressed from
+    the pieces as they come."""
+
+    def __init__(self, params: zstandard.ZstdCompressionParameters, size: int) -> None:
+        self.size, self.out = size, bytearray()
+        self.comp = zstandard.ZstdCompressor(compression_params=params).compressobj(size=size)
+
+    def add(self, piece: bytes) -> None:
+        self.out += self.comp.compress(piece)
+
+    def finish(self) -> tuple[bytes, bytearray]:
+        """The stream as it goes in the body: its two lengths, then its frame."""
+        self.out += self.comp.flush()
+        return struct.pack("<QQ", self.size, len(self.out)), self.out
 
 
 # ---------------------------------------------------------------------------- decode
@@ -174,9 +233,12 @@ def decode(
     max_entries: int = MAX_ENTRIES,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     max_abs: float | None = None,
+    native: bool = False,
 ) -> SparseTaskVector:
     """Parse an FLTV payload into a SparseTaskVector (float32 values). ``mask`` is required
-    for values-only payloads and must be the one they were encoded against.
+    for values-only payloads and must be the one they were encoded against. ``native``:
+    hold the values of a bf16 payload as bfloat16 (exact: they were sent as bf16), half the
+    memory; a reader that computes with them converts to float32 first.
 
     Everything is checked before it is allocated: ``max_bytes`` refuses a larger payload
     before reading it; the tensor table is checked against ``shapes`` (names and shapes a
@@ -245,11 +307,15 @@ def decode(
     planes = [r.frame(total_nnz, f"value plane {i}") for i in range(PLANES[dcode])]
     if r.pos != len(r.buf):
         raise CodecError(f"{len(r.buf) - r.pos} trailing bytes after the last stream")
-    walk = _Walk(entries, layout, codes, escapes, planes, dcode, max_abs)
+    hold = torch.bfloat16 if (native and dcode == VALUE_DTYPES["bf16"]) else torch.float32
+    walk = _Walk(entries, layout, codes, escapes, planes, dcode, max_abs, hold)
     # What the tensors take once decoded. A payload that expands far beyond its own size is
     # checked whole, one tensor at a time, before anything is kept, so rejecting it costs
     # its own size plus one tensor; a payload of ordinary compression is decoded in one pass.
-    decoded = sum(nnz * (4 if (dense or head.values_only) else 12) for _, _, dense, nnz, _ in entries)
+    decoded = sum(
+        nnz * (hold.itemsize + (0 if (dense or head.values_only) else index_dtype(math.prod(shape)).itemsize))
+        for _, shape, dense, nnz, _ in entries
+    )
     try:
         if decoded > MAX_EXPANSION * len(r.buf):
             walk.run(keep=False)
@@ -262,8 +328,8 @@ class _Walk:
     """Decodes a payload's tensors from its streams, one piece of at most ``CHUNK`` entries
     at a time, checking each piece; only the decoded tensors themselves are kept."""
 
-    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs) -> None:
-        self.entries, self.layout, self.dcode, self.max_abs = entries, layout, dcode, max_abs
+    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs, hold=torch.float32) -> None:
+        self.entries, self.layout, self.dcode, self.max_abs, self.hold = entries, layout, dcode, max_abs, hold
         self.codes, self.escapes, self.planes = codes, escapes, planes
         self.streams = [x for x in (codes, escapes, *planes) if x is not None]
 
@@ -307,8 +373,11 @@ class _Walk:
         for name, shape, dense, nnz, scale in self.entries:
             numel = math.prod(shape)
             sparse = self.layout is None and not dense
-            idx = np.empty(nnz, dtype=np.int64) if (keep and sparse) else None
-            vals = torch.empty(nnz, dtype=torch.float32) if keep else None
+            # positions held in the dtype SparseTensor keeps (int32 below 2^31 entries): no
+            # int64 copy of a whole tensor's indices is ever made
+            wide = index_dtype(numel) == torch.int64
+            idx = np.empty(nnz, dtype=np.int64 if wide else np.int32) if (keep and sparse) else None
+            vals = torch.empty(nnz, dtype=self.hold) if keep else None
             last = -1
             for lo in range(0, nnz, CHUNK):
                 n = min(CHUNK, nnz - lo)

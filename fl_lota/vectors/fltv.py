@@ -53,6 +53,7 @@ __all__ = [
     "VALUE_DTYPES",
     "index_entropy_bits",
     "index_entropy_bytes",
+    "fingerprint_update",
     "mask_fingerprint",
 ]
 
@@ -107,17 +108,21 @@ def mask_fingerprint(layout: Mapping[str, SparseTensor] | Mapping[str, torch.Ten
     h = hashlib.blake2b(digest_size=8)
     for name, t in layout.items():
         if isinstance(t, SparseTensor):
-            shape, idx = t.shape, t.indices
+            fingerprint_update(h, name, t.shape, t.indices)
         else:
-            shape, idx = tuple(t.shape), torch.nonzero(t.reshape(-1), as_tuple=False).reshape(-1)
-        h.update(name.encode())
-        h.update(struct.pack(f"<B{len(shape)}Q", len(shape), *shape))
-        if idx is None:
-            h.update(b"D")
-        else:
-            h.update(b"S")
-            h.update(idx.to(torch.int64).cpu().numpy().tobytes())
+            fingerprint_update(h, name, tuple(t.shape), torch.nonzero(t.reshape(-1), as_tuple=False).reshape(-1))
     return h.digest()
+
+
+def fingerprint_update(h, name: str, shape: tuple[int, ...], idx: torch.Tensor | None) -> None:
+    """Add one tensor (``idx`` None: dense) to a mask fingerprint ``h``."""
+    h.update(name.encode())
+    h.update(struct.pack(f"<B{len(shape)}Q", len(shape), *shape))
+    if idx is None:
+        h.update(b"D")
+    else:
+        h.update(b"S")
+        h.update(idx.to(torch.int64).cpu().numpy().tobytes())
 
 
 def index_entropy_bits(numel: int, nnz: int) -> float:
@@ -151,8 +156,9 @@ def as_layout(mask) -> SparseTaskVector:
     )
 
 
-def values_to_bytes(values: np.ndarray | torch.Tensor, dtype_code: int) -> bytes:
-    """float32 values -> byte planes (plane-major)."""
+def value_plane(values: torch.Tensor, dtype_code: int, plane: int) -> bytes:
+    """Byte ``plane`` (little-endian byte order) of float32 ``values`` coded as
+    ``dtype_code`` (int8 values come already coded)."""
     v = values
     if dtype_code == 0:
         raw = v.numpy().astype("<f4", copy=False).view(np.uint8).reshape(-1, 4)
@@ -160,7 +166,7 @@ def values_to_bytes(values: np.ndarray | torch.Tensor, dtype_code: int) -> bytes
         raw = v.to(torch.bfloat16).view(torch.int16).numpy().view("<u2").view(np.uint8).reshape(-1, 2)
     else:
         raw = v.numpy().view(np.uint8).reshape(-1, 1)
-    return np.ascontiguousarray(raw.T).tobytes()
+    return raw[:, plane].tobytes()
 
 
 def bytes_to_values(planes: bytes, n: int, dtype_code: int) -> torch.Tensor:
@@ -173,8 +179,10 @@ def bytes_to_values(planes: bytes, n: int, dtype_code: int) -> torch.Tensor:
     return torch.from_numpy(arr.view(np.int8).reshape(-1).astype(np.float32))
 
 
-def gap_codes(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    gaps = np.diff(idx, prepend=-1) - 1
+def gap_codes(idx: np.ndarray, prev: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Gap codes of strictly increasing positions ``idx`` that follow position ``prev``
+    (-1: the tensor's first): one byte per gap, gaps of ESCAPE or more escaped to u64."""
+    gaps = np.diff(idx.astype(np.int64, copy=False), prepend=prev) - 1
     codes = np.minimum(gaps, ESCAPE).astype(np.uint8)
     return codes, gaps[gaps >= ESCAPE].astype("<u8")
 

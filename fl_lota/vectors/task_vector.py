@@ -4,7 +4,9 @@ A task vector is ``tuned - base`` (Ilharco et al., 2023). LoTA's task vectors ar
 construction, so we keep them as, per parameter tensor, the flat sorted indices of the kept
 entries and their values. A tensor whose ``indices`` is ``None`` is dense (every entry kept,
 values in flat order): that is how full fine-tuning and LoRA deltas are represented, without
-paying 8 bytes of index per entry.
+paying for an index per entry. Indices are held as int32 wherever the tensor allows (fewer
+than 2^31 entries; every tensor of the models fl-lota trains): half the memory of int64 for
+the server's registered masks and decoded uploads. Files keep int64 (the format's type).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["SparseTaskVector", "SparseTensor"]
+__all__ = ["SparseTaskVector", "SparseTensor", "index_dtype"]
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The dtype flat positions into a tensor of ``numel`` entries are held in: int32 when
+    every position fits (numel <= 2^31), else int64."""
+    return torch.int32 if numel <= 2**31 else torch.int64
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,8 @@ class SparseTensor:
     """One parameter's share of a task vector.
 
     shape:   the parameter's shape.
-    indices: (nnz,) int64, flat row-major positions, strictly increasing; None = dense.
+    indices: (nnz,) flat row-major positions, strictly increasing; None = dense. Given as
+             int32 or int64, held as ``index_dtype(numel)`` (converted when they differ).
     values:  (nnz,) values at those positions (numel values when dense).
     """
 
@@ -42,8 +51,11 @@ class SparseTensor:
             if self.values.numel() != numel:
                 raise ValueError(f"dense values hold {self.values.numel()} entries, shape needs {numel}")
             return
-        if self.indices.dtype != torch.int64 or self.indices.dim() != 1:
-            raise ValueError("indices must be a 1-D int64 tensor")
+        if self.indices.dtype not in (torch.int32, torch.int64) or self.indices.dim() != 1:
+            raise ValueError(f"indices must be a 1-D int32 or int64 tensor, got {self.indices.dtype}")
+        want = index_dtype(numel)
+        if self.indices.dtype != want:  # positions < numel: the conversion is exact
+            object.__setattr__(self, "indices", self.indices.to(want))
         if self.indices.numel() != self.values.numel():
             raise ValueError(f"{self.indices.numel()} indices but {self.values.numel()} values")
 
@@ -60,9 +72,9 @@ class SparseTensor:
         return self.indices is None
 
     def flat_indices(self) -> torch.Tensor:
-        """(nnz,) int64 positions, materialised for dense tensors too."""
+        """(nnz,) positions (``index_dtype(numel)``), materialised for dense tensors too."""
         if self.indices is None:
-            return torch.arange(self.numel, dtype=torch.int64, device=self.values.device)
+            return torch.arange(self.numel, dtype=index_dtype(self.numel), device=self.values.device)
         return self.indices
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -209,14 +221,15 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
                 flat.index_add_(0, t.indices.to(flat.device), vals)
 
     def save(self, path: str | Path) -> None:
-        """Store as safetensors: ``<name>::values`` and, for sparse tensors,
-        ``<name>::indices``; shapes in the metadata. Never pickle."""
+        """Store as safetensors: ``<name>::values`` (float32) and, for sparse tensors,
+        ``<name>::indices`` (int64): the format's types, whatever the tensor holds in memory;
+        shapes in the metadata. Never pickle."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, str] = {"format": "fl_lota.task_vector.v1", "names": json.dumps(list(self._tensors))}
         for name, t in self._tensors.items():
-            tensors[f"{name}::values"] = t.values.contiguous()
+            tensors[f"{name}::values"] = t.values.float().contiguous()
             if t.indices is not None:
-                tensors[f"{name}::indices"] = t.indices.contiguous()
+                tensors[f"{name}::indices"] = t.indices.to(torch.int64).contiguous()
             meta[f"shape::{name}"] = ",".join(str(s) for s in t.shape)
         save_file(tensors, str(path), metadata=meta)
 
