@@ -220,8 +220,8 @@ def test_encoder_refuses_unsorted_out_of_range_and_nonfinite():
         encode(SparseTaskVector({"w": SparseTensor((10,), torch.tensor([3, 1]), torch.ones(2))}))
     with pytest.raises(CodecError, match="strictly increasing"):
         encode(SparseTaskVector({"w": SparseTensor((10,), torch.tensor([3, 3]), torch.ones(2))}))
-    with pytest.raises(CodecError, match="outside"):
-        encode(SparseTaskVector({"w": SparseTensor((10,), torch.tensor([3, 10]), torch.ones(2))}))
+    with pytest.raises(ValueError, match="outside"):  # a SparseTensor cannot even hold it
+        SparseTensor((10,), torch.tensor([3, 10]), torch.ones(2))
     with pytest.raises(CodecError, match="NaN or Inf"):
         encode(SparseTaskVector({"w": SparseTensor((2,), None, torch.tensor([1.0, float("inf")]))}))
     with pytest.raises(CodecError, match="unknown value dtype"):
@@ -370,3 +370,34 @@ def test_a_vector_whose_tensors_change_between_the_two_passes_is_refused():
 
     with pytest.raises(CodecError, match="changed between"):
         codec.encode_tensors(other_values)
+
+    # the same counts, other positions, or values the first pass never saw: still refused
+    def second(change):
+        def tensors():
+            calls.append(1)
+            return list(tv.items()) if len(calls) % 2 else [(n, change(t)) for n, t in tv.items()]
+
+        return tensors
+
+    moved = second(lambda t: SparseTensor(t.shape, torch.arange(t.nnz), t.values))
+    with pytest.raises(CodecError, match="changed between"):
+        codec.encode_tensors(moved)
+    nan = second(lambda t: SparseTensor(t.shape, t.indices, torch.full_like(t.values, float("nan"))))
+    with pytest.raises(CodecError, match="NaN"):
+        codec.encode_tensors(nan)
+    scaled = second(lambda t: SparseTensor(t.shape, t.indices, t.values * 2))
+    with pytest.raises(CodecError, match="changed between"):
+        codec.encode_tensors(scaled, values="int8")
+
+
+def test_values_in_any_memory_layout_encode():
+    """A vector whose values are a view (a support's one shared zero, a strided slice)
+    encodes in every dtype, as a contiguous copy would."""
+    tv = make_tv()
+    strided = SparseTaskVector(
+        {n: SparseTensor(t.shape, t.indices, torch.stack([t.values, t.values], 1)[:, 0]) for n, t in tv.items()}
+    )
+    for values in ("float32", "bf16", "int8"):
+        assert encode(strided, values=values) == encode(tv, values=values)
+        back = decode(encode(tv.support(), values=values))
+        assert all(not t.values.any() for t in back.values())

@@ -163,3 +163,25 @@ def test_merging_onto_g_is_g_plus_the_merge_bit_for_bit(method):
     tensors = merge_tensors(method, ups, [1.0, 2.0, 3.0], onto=G, **params)
     assert [n for n, _ in tensors()] == list(want) == [n for n, _ in tensors()]
     assert codec.encode_tensors(tensors, values="float32") == codec.encode(want, values="float32")
+
+
+@pytest.mark.parametrize("method", sorted(MERGE_METHODS))
+def test_uploads_and_g_held_as_bf16_merge_to_the_same_payload_as_float32(method):
+    """The server holds bf16 uploads and G as bfloat16 (decode(native=True)); the merge
+    computes in float32 either way, so the new G's payload is the same bytes."""
+    g = torch.Generator().manual_seed(1)
+
+    def vec(density):
+        idx = torch.nonzero(torch.rand(600, generator=g) < density).reshape(-1)
+        return SparseTaskVector({"w": SparseTensor((20, 30), idx, torch.randn(idx.numel(), generator=g))})
+
+    payloads = [codec.encode(vec(0.3)) for _ in range(3)]
+    G = codec.encode(vec(0.5))
+    params = {"ties": {"k": 0.5}}.get(method, {})
+    got = []
+    for native in (False, True):
+        ups = [codec.decode(p, native=native) for p in payloads]
+        onto = codec.decode(G, native=native)
+        assert all(t.values.dtype == (torch.bfloat16 if native else torch.float32) for t in onto.values())
+        got.append(codec.encode_tensors(merge_tensors(method, ups, [1.0, 2.0, 3.0], onto=onto, **params)))
+    assert got[0] == got[1]

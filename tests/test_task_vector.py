@@ -94,6 +94,9 @@ def test_indices_are_held_as_int32_where_the_tensor_allows_and_files_keep_int64(
     # a tensor with more than 2^31 entries needs int64 positions (an empty one costs nothing)
     huge = SparseTensor((2**31 + 1,), torch.zeros(0, dtype=torch.int32), torch.zeros(0))
     assert huge.indices.dtype == torch.int64 and index_dtype(2**31) == torch.int32
+    # narrowing is exact only in range: a position past the tensor is an error, not a wrap
+    with pytest.raises(ValueError, match="outside"):
+        SparseTensor((4, 5), torch.tensor([1, 2**32 + 3]), torch.ones(2))
     with pytest.raises(ValueError, match="int32 or int64"):
         SparseTensor((4,), torch.tensor([0, 1], dtype=torch.int16), torch.ones(2))
     tv = SparseTaskVector({"w": t, "b": SparseTensor((2,), None, torch.ones(2, dtype=torch.bfloat16))})

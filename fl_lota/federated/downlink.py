@@ -31,6 +31,7 @@ import torch
 
 from fl_lota.federated.protocol import EMPTY, GlobalRef
 from fl_lota.vectors import codec
+from fl_lota.vectors.fltv import CHUNK
 from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 __all__ = [
@@ -60,9 +61,15 @@ def digest(tv: SparseTaskVector) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, t in canonical(tv).items():
         h.update(name.encode() + b"\0" + repr(t.shape).encode())
-        # positions as int64 bytes: the digest does not depend on the dtype they are held in
-        h.update(b"dense" if t.indices is None else t.indices.to(torch.int64).cpu().numpy().tobytes())
-        h.update(t.values.detach().float().cpu().numpy().tobytes())
+        # positions as int64 bytes (the digest does not depend on the dtype they are held
+        # in) and values as float32 bytes, a piece at a time
+        if t.indices is None:
+            h.update(b"dense")
+        else:
+            for lo in range(0, t.nnz, CHUNK):
+                h.update(t.indices[lo : lo + CHUNK].to(torch.int64).cpu().numpy().tobytes())
+        for lo in range(0, t.nnz, CHUNK):
+            h.update(t.values[lo : lo + CHUNK].detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 

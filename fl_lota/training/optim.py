@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from fl_lota.vectors.task_vector import index_dtype
+
 __all__ = ["OPTIMIZERS", "MaskedAdamW", "MaskedRMSprop", "build_optimizer", "clip_per_tensor_"]
 
 
@@ -212,4 +214,4 @@ def clip_per_tensor_(tensors: Iterable[torch.Tensor | torch.nn.Parameter], max_n
 
 def _index(idx: torch.Tensor, numel: int) -> torch.Tensor:
     """Flat indices in int32 where the tensor allows (half the bytes of int64)."""
-    return idx.to(torch.int32) if numel < 2**31 else idx
+    return idx.to(index_dtype(numel))

@@ -92,9 +92,11 @@ def encode_tensors(
 ) -> bytes:
     """``encode`` of a vector given as a function that yields its tensors; it is called
     twice (the table and sizes, then the streams) and must yield the same tensors both
-    times. Every stream is compressed as it is produced, ``CHUNK`` entries at a time, so
-    beside the compressed output memory holds one tensor and one piece: the vector itself
-    need never be whole (``merge_tensors`` builds each tensor of ``G + merge`` on demand)."""
+    times: every tensor is checked in both passes, and a second pass that differs from the
+    first in any tensor's layout or scale is a CodecError. Every stream is compressed as it
+    is produced, ``CHUNK`` entries at a time: beside the compressed streams memory holds one
+    tensor and one piece, so the vector need never be whole (``merge_tensors`` builds each
+    tensor of ``G + merge`` on demand)."""
     if values not in VALUE_DTYPES:
         raise CodecError(f"unknown value dtype {values!r}; known: {sorted(VALUE_DTYPES)}")
     dcode = VALUE_DTYPES[values]
@@ -109,26 +111,12 @@ def encode_tensors(
             raise CodecError(f"tensor name {name!r} must be 1..65535 bytes of UTF-8")
         if len(t.shape) > MAX_NDIM or t.numel > MAX_NUMEL:
             raise CodecError(f"{name}: shape {t.shape} exceeds the format's limits")
-        v = t.values.detach()
-        if not bool(torch.isfinite(v).all()):
-            raise CodecError(f"{name}: values hold NaN or Inf")
-        scale = 1.0
-        if dcode == 2:
-            amax = float(v.abs().max()) if v.numel() else 0.0
-            scale = amax / 127.0 if amax > 0 else 1.0
-        if t.indices is not None and not values_only:
-            idx = t.indices.cpu().numpy()
-            if idx.size and (idx[0] < 0 or idx[-1] >= t.numel):
-                raise CodecError(f"{name}: indices outside [0, {t.numel})")
-            if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
-                raise CodecError(f"{name}: indices must be strictly increasing")
-            n_codes += idx.size
-            n_escapes += sum(len(big) for _, big in _gap_pieces(idx))
-        n_values += t.nnz
+        scale, codes, escapes = _check(name, t, dcode, values_only)
+        n_codes, n_escapes, n_values = n_codes + codes, n_escapes + escapes, n_values + t.nnz
         fingerprint_update(fp, name, t.shape, t.indices)
         table.append(struct.pack("<H", len(nb)) + nb + struct.pack(f"<B{len(t.shape)}Q", len(t.shape), *t.shape))
         table.append(struct.pack("<BQf", FLAG_DENSE if t.indices is None else 0, t.nnz, scale))
-        sizes.append((name, t.shape, t.nnz, scale))
+        sizes.append((name, t.shape, t.indices is None, t.nnz, scale))
     table[0] = struct.pack("<I", len(sizes))
 
     params = zstandard.ZstdCompressionParameters.from_level(level)
@@ -137,12 +125,14 @@ def encode_tensors(
     # one compressor per stream, all fed in the same pass
     streams = [] if values_only else [_Stream(params, n_codes), _Stream(params, 8 * n_escapes)]
     planes = [_Stream(params, n_values) for _ in range(PLANES[dcode])]
+    again = hashlib.blake2b(digest_size=8)
     seen = 0
     for name, t in tensors():
-        if seen >= len(sizes) or sizes[seen][:3] != (name, t.shape, t.nnz):
+        scale = _check(name, t, dcode, values_only)[0]
+        if seen >= len(sizes) or sizes[seen] != (name, t.shape, t.indices is None, t.nnz, scale):
             raise CodecError(f"{name}: the tensors changed between encode_tensors' two passes")
-        scale = sizes[seen][3]
         seen += 1
+        fingerprint_update(again, name, t.shape, t.indices)
         if t.indices is not None and not values_only:
             for codes, big in _gap_pieces(t.indices.cpu().numpy()):
                 streams[0].add(codes.tobytes())
@@ -154,9 +144,10 @@ def encode_tensors(
                 v = torch.round(v / scale).clamp_(-127, 127).to(torch.int8)
             for i, plane in enumerate(planes):
                 plane.add(value_plane(v, dcode, i))
-    if seen != len(sizes):
+    if seen != len(sizes) or again.digest() != fp.digest():
         raise CodecError("the tensors changed between encode_tensors' two passes")
-    # the body as parts, joined once into the payload: no copy of the whole body beside it
+    # the body as parts, joined once into the payload (the parts and the payload are both
+    # held while joining: twice the compressed size, no more)
     parts = [b"".join(table)]
     for stream in (*streams, *planes):
         parts.extend(stream.finish())
@@ -166,6 +157,27 @@ def encode_tensors(
     for part in (head, *parts):
         check.update(part)
     return b"".join([head, check.digest(), *parts])
+
+
+def _check(name: str, t: SparseTensor, dcode: int, values_only: bool) -> tuple[float, int, int]:
+    """Check one tensor for encoding: finite values, positions in range and strictly
+    increasing. Returns its int8 scale (1.0 for other dtypes), and how many gap codes and
+    escaped gaps its positions take (0, 0 when they are not sent)."""
+    v = t.values.detach()
+    if not bool(torch.isfinite(v).all()):
+        raise CodecError(f"{name}: values hold NaN or Inf")
+    scale = 1.0
+    if dcode == 2:
+        amax = float(v.abs().max()) if v.numel() else 0.0
+        scale = amax / 127.0 if amax > 0 else 1.0
+    if t.indices is None or values_only:
+        return scale, 0, 0
+    idx = t.indices.cpu().numpy()
+    if idx.size and (idx[0] < 0 or idx[-1] >= t.numel):
+        raise CodecError(f"{name}: indices outside [0, {t.numel})")
+    if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
+        raise CodecError(f"{name}: indices must be strictly increasing")
+    return scale, idx.size, sum(len(big) for _, big in _gap_pieces(idx))
 
 
 def _gap_pieces(idx: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -186,11 +198,17 @@ class _Stream:
         self.comp = zstandard.ZstdCompressor(compression_params=params).compressobj(size=size)
 
     def add(self, piece: bytes) -> None:
-        self.out += self.comp.compress(piece)
+        try:
+            self.out += self.comp.compress(piece)
+        except zstandard.ZstdError as e:  # more bytes than the frame declared
+            raise CodecError(f"a stream outgrew the size its frame declares: {e}") from None
 
     def finish(self) -> tuple[bytes, bytearray]:
         """The stream as it goes in the body: its two lengths, then its frame."""
-        self.out += self.comp.flush()
+        try:
+            self.out += self.comp.flush()
+        except zstandard.ZstdError as e:  # fewer bytes than the frame declared
+            raise CodecError(f"a stream fell short of the size its frame declares: {e}") from None
         return struct.pack("<QQ", self.size, len(self.out)), self.out
 
 

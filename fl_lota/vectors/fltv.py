@@ -122,7 +122,8 @@ def fingerprint_update(h, name: str, shape: tuple[int, ...], idx: torch.Tensor |
         h.update(b"D")
     else:
         h.update(b"S")
-        h.update(idx.to(torch.int64).cpu().numpy().tobytes())
+        for lo in range(0, idx.numel(), CHUNK):  # as int64 bytes, a piece at a time
+            h.update(idx[lo : lo + CHUNK].to(torch.int64).cpu().numpy().tobytes())
 
 
 def index_entropy_bits(numel: int, nnz: int) -> float:
@@ -159,7 +160,7 @@ def as_layout(mask) -> SparseTaskVector:
 def value_plane(values: torch.Tensor, dtype_code: int, plane: int) -> bytes:
     """Byte ``plane`` (little-endian byte order) of float32 ``values`` coded as
     ``dtype_code`` (int8 values come already coded)."""
-    v = values
+    v = values.contiguous()
     if dtype_code == 0:
         raw = v.numpy().astype("<f4", copy=False).view(np.uint8).reshape(-1, 4)
     elif dtype_code == 1:

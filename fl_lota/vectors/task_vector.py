@@ -4,9 +4,10 @@ A task vector is ``tuned - base`` (Ilharco et al., 2023). LoTA's task vectors ar
 construction, so we keep them as, per parameter tensor, the flat sorted indices of the kept
 entries and their values. A tensor whose ``indices`` is ``None`` is dense (every entry kept,
 values in flat order): that is how full fine-tuning and LoRA deltas are represented, without
-paying for an index per entry. Indices are held as int32 wherever the tensor allows (fewer
-than 2^31 entries; every tensor of the models fl-lota trains): half the memory of int64 for
-the server's registered masks and decoded uploads. Files keep int64 (the format's type).
+paying for an index per entry. Indices are held as int32 wherever the tensor allows (at most
+2^31 entries; every tensor of the models fl-lota trains): half the memory of int64 for the
+server's registered masks and decoded uploads (an indexing op may still widen them to int64
+for its own duration). Files keep int64 (the format's type).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ class SparseTensor:
     """One parameter's share of a task vector.
 
     shape:   the parameter's shape.
-    indices: (nnz,) flat row-major positions, strictly increasing; None = dense. Given as
-             int32 or int64, held as ``index_dtype(numel)`` (converted when they differ).
+    indices: (nnz,) flat row-major positions in [0, numel) (checked), strictly increasing;
+             None = dense. Given as int32 or int64, held as ``index_dtype(numel)``.
     values:  (nnz,) values at those positions (numel values when dense).
     """
 
@@ -53,8 +54,12 @@ class SparseTensor:
             return
         if self.indices.dtype not in (torch.int32, torch.int64) or self.indices.dim() != 1:
             raise ValueError(f"indices must be a 1-D int32 or int64 tensor, got {self.indices.dtype}")
+        if self.indices.numel():  # in range, also so that narrowing them is exact
+            lo, hi = torch.aminmax(self.indices)
+            if int(lo) < 0 or int(hi) >= numel:
+                raise ValueError(f"indices outside [0, {numel}): {int(lo)}..{int(hi)}")
         want = index_dtype(numel)
-        if self.indices.dtype != want:  # positions < numel: the conversion is exact
+        if self.indices.dtype != want:
             object.__setattr__(self, "indices", self.indices.to(want))
         if self.indices.numel() != self.values.numel():
             raise ValueError(f"{self.indices.numel()} indices but {self.values.numel()} values")
@@ -78,7 +83,9 @@ class SparseTensor:
         return self.indices
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.values.dtype
+        """The dense tensor, in ``dtype`` (default: the values' dtype; float32 for values
+        held as bfloat16, as a decoded vector's would be)."""
+        dtype = dtype or (torch.float32 if self.values.dtype == torch.bfloat16 else self.values.dtype)
         if self.indices is None:
             return self.values.to(dtype).reshape(self.shape).clone()
         out = torch.zeros(self.numel, dtype=dtype, device=self.values.device)
@@ -249,5 +256,6 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         for name in json.loads(meta["names"]):  # metadata is a JSON object: keep order explicitly
             shape_s = meta[f"shape::{name}"]
             shape = tuple(int(s) for s in shape_s.split(",")) if shape_s else ()
-            out[name] = SparseTensor(shape, raw.get(f"{name}::indices"), raw[f"{name}::values"])
+            # popped: each file tensor is dropped once it is held in its own dtype
+            out[name] = SparseTensor(shape, raw.pop(f"{name}::indices", None), raw.pop(f"{name}::values"))
         return cls(out)
