@@ -31,7 +31,7 @@ import torch
 
 from fl_lota.federated.protocol import EMPTY, GlobalRef
 from fl_lota.vectors import codec
-from fl_lota.vectors.fltv import CHUNK
+from fl_lota.vectors.fltv import hash_pieces
 from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
 
 __all__ = [
@@ -66,10 +66,8 @@ def digest(tv: SparseTaskVector) -> str:
         if t.indices is None:
             h.update(b"dense")
         else:
-            for lo in range(0, t.nnz, CHUNK):
-                h.update(t.indices[lo : lo + CHUNK].to(torch.int64).cpu().numpy().tobytes())
-        for lo in range(0, t.nnz, CHUNK):
-            h.update(t.values[lo : lo + CHUNK].detach().float().cpu().numpy().tobytes())
+            hash_pieces(h, t.indices, torch.int64)
+        hash_pieces(h, t.values, torch.float32)
     return h.hexdigest()
 
 
@@ -95,7 +93,7 @@ def same_support(a: SparseTaskVector, b: SparseTaskVector) -> bool:
         tb = b[name]
         if ta.shape != tb.shape or (ta.indices is None) != (tb.indices is None):
             return False
-        if ta.indices is not None and not torch.equal(ta.indices, tb.indices.to(ta.indices.dtype)):
+        if ta.indices is not None and not torch.equal(ta.indices, tb.indices):  # same shape: same index dtype
             return False
     return True
 

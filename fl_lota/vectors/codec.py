@@ -194,7 +194,7 @@ class _Walk:
     """Decodes a payload's tensors from its streams, one piece of at most ``CHUNK`` entries
     at a time, checking each piece; only the decoded tensors themselves are kept."""
 
-    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs, hold=torch.float32) -> None:
+    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs, hold) -> None:
         self.entries, self.layout, self.dcode, self.max_abs, self.hold = entries, layout, dcode, max_abs, hold
         self.codes, self.escapes, self.planes = codes, escapes, planes
         self.streams = [x for x in (codes, escapes, *planes) if x is not None]

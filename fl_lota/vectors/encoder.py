@@ -80,8 +80,11 @@ def encode_tensors(
             raise CodecError(f"tensor name {name!r} must be 1..65535 bytes of UTF-8")
         if len(t.shape) > MAX_NDIM or t.numel > MAX_NUMEL:
             raise CodecError(f"{name}: shape {t.shape} exceeds the format's limits")
-        scale, codes, escapes = _check(name, t, dcode, values_only)
-        n_codes, n_escapes, n_values = n_codes + codes, n_escapes + escapes, n_values + t.nnz
+        scale = _check(name, t, dcode, values_only)
+        if t.indices is not None and not values_only:
+            n_codes += t.nnz
+            n_escapes += sum(len(big) for _, big in _gap_pieces(t.indices.cpu().numpy()))
+        n_values += t.nnz
         fingerprint_update(fp, name, t.shape, t.indices)
         table.append(struct.pack("<H", len(nb)) + nb + struct.pack(f"<B{len(t.shape)}Q", len(t.shape), *t.shape))
         table.append(struct.pack("<BQf", FLAG_DENSE if t.indices is None else 0, t.nnz, scale))
@@ -97,7 +100,7 @@ def encode_tensors(
     again = hashlib.blake2b(digest_size=8)
     seen = 0
     for name, t in tensors():
-        scale = _check(name, t, dcode, values_only)[0]
+        scale = _check(name, t, dcode, values_only)  # escapes: the stream's declared size checks them
         if seen >= len(sizes) or sizes[seen] != (name, t.shape, t.indices is None, t.nnz, scale):
             raise CodecError(f"{name}: the tensors changed between encode_tensors' two passes")
         seen += 1
@@ -128,10 +131,9 @@ def encode_tensors(
     return b"".join([head, check.digest(), *parts])
 
 
-def _check(name: str, t: SparseTensor, dcode: int, values_only: bool) -> tuple[float, int, int]:
-    """Check one tensor for encoding: finite values, positions in range and strictly
-    increasing. Returns its int8 scale (1.0 for other dtypes), and how many gap codes and
-    escaped gaps its positions take (0, 0 when they are not sent)."""
+def _check(name: str, t: SparseTensor, dcode: int, values_only: bool) -> float:
+    """Check one tensor for encoding: finite values, positions (when sent) in range and
+    strictly increasing. Returns its int8 scale (1.0 for other dtypes)."""
     v = t.values.detach()
     if not bool(torch.isfinite(v).all()):
         raise CodecError(f"{name}: values hold NaN or Inf")
@@ -140,13 +142,13 @@ def _check(name: str, t: SparseTensor, dcode: int, values_only: bool) -> tuple[f
         amax = float(v.abs().max()) if v.numel() else 0.0
         scale = amax / 127.0 if amax > 0 else 1.0
     if t.indices is None or values_only:
-        return scale, 0, 0
+        return scale
     idx = t.indices.cpu().numpy()
     if idx.size and (idx[0] < 0 or idx[-1] >= t.numel):
         raise CodecError(f"{name}: indices outside [0, {t.numel})")
     if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
         raise CodecError(f"{name}: indices must be strictly increasing")
-    return scale, idx.size, sum(len(big) for _, big in _gap_pieces(idx))
+    return scale
 
 
 def _gap_pieces(idx: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:

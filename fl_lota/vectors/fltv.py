@@ -54,6 +54,7 @@ __all__ = [
     "index_entropy_bits",
     "index_entropy_bytes",
     "fingerprint_update",
+    "hash_pieces",
     "mask_fingerprint",
 ]
 
@@ -122,8 +123,14 @@ def fingerprint_update(h, name: str, shape: tuple[int, ...], idx: torch.Tensor |
         h.update(b"D")
     else:
         h.update(b"S")
-        for lo in range(0, idx.numel(), CHUNK):  # as int64 bytes, a piece at a time
-            h.update(idx[lo : lo + CHUNK].to(torch.int64).cpu().numpy().tobytes())
+        hash_pieces(h, idx, torch.int64)
+
+
+def hash_pieces(h, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """Add the bytes of ``x`` as ``dtype`` to the hash ``h``, ``CHUNK`` entries at a time
+    (the same digest as hashing the whole, with no copy of the whole in ``dtype``)."""
+    for lo in range(0, x.numel(), CHUNK):
+        h.update(x[lo : lo + CHUNK].detach().to(dtype).cpu().numpy().tobytes())
 
 
 def index_entropy_bits(numel: int, nnz: int) -> float:
