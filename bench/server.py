@@ -8,7 +8,8 @@ the new global update) and reports its peak RSS above the RSS with the payloads 
 Target (issue 12): growth per client at the margin, (peak(n) - peak(m)) / (n - m), at most
 one decoded sparse upload (int32 indices and float32 values: 8 bytes per kept entry), far
 below a dense fp32 model per client (425 MB). The server holds an upload's bf16 values as
-sent (2 bytes) and its indices as int32 (4 bytes).
+sent (2 bytes, one block per upload) and its indices as int32 (4 bytes), and ``G`` packed
+(a bit per entry, values dense) where that is smaller.
 
     python bench/server.py [--clients 8 16 32]
 """

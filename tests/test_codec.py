@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fl_lota.training.masks import magnitude_mask
 from fl_lota.vectors import codec, fltv
 from fl_lota.vectors.codec import HEADER, CodecError, decode, encode, peek
-from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor
 
 
 def make_tv(seed=0, sparsity=0.9):
@@ -347,6 +347,23 @@ def test_native_decode_holds_bf16_values_as_sent_and_nothing_else_changes():
         assert all(t.values.dtype == torch.float32 for t in got.values())
 
 
+@pytest.mark.parametrize("values", ["bf16", "float32", "int8"])
+def test_a_packed_decode_holds_dense_enough_tensors_packed_and_reads_the_same(values):
+    tv = make_tv(sparsity=0.4)  # 60% of each tensor: packing is smaller
+    tv = SparseTaskVector({**tv, "sparse.weight": make_tv(1, sparsity=0.95)["l0.mlp.up.weight"]})
+    payload = encode(tv, values=values)
+    plain, packed = decode(payload, native=True), decode(payload, native=True, pack=True)
+    assert isinstance(packed.stored("l0.mlp.up.weight"), PackedTensor)
+    assert isinstance(packed.stored("sparse.weight"), SparseTensor)
+    for n in tv:
+        assert torch.equal(packed[n].indices, plain[n].indices) and torch.equal(packed[n].values, plain[n].values)
+    assert encode(packed, values=values) == payload
+    # values-only payloads decode the same against a packed layout
+    vo = encode(tv, values=values, values_only=True)
+    for n, t in decode(vo, mask=packed).items():
+        assert torch.equal(t.values, decode(vo, mask=tv)[n].values)
+
+
 def test_a_vector_whose_tensors_change_between_the_two_passes_is_refused():
     """encode_tensors asks for the tensors twice (sizes, then streams): a producer that
     gives other tensors the second time gets a CodecError, not a payload that lies."""
@@ -401,3 +418,16 @@ def test_values_in_any_memory_layout_encode():
         assert encode(strided, values=values) == encode(tv, values=values)
         back = decode(encode(tv.support(), values=values))
         assert all(not t.values.any() for t in back.values())
+
+
+def test_a_decoded_vectors_values_are_one_block_that_still_saves_and_loads(tmp_path):
+    """Decoded tensors' values are views of one block (freed as one piece); every reader,
+    safetensors included, sees them as separate tensors."""
+    tv = make_tv()
+    got = decode(encode(tv, values="float32"))
+    names = list(got)
+    assert got[names[0]].values.untyped_storage().data_ptr() == got[names[1]].values.untyped_storage().data_ptr()
+    got.save(tmp_path / "v.safetensors")
+    back = SparseTaskVector.load(tmp_path / "v.safetensors")
+    for n in tv:
+        assert torch.equal(back[n].values, tv[n].values) and torch.equal(back[n].indices, tv[n].indices)

@@ -21,7 +21,7 @@ from fl_lota.federated.downlink import (
 )
 from fl_lota.federated.protocol import GlobalRef, ProtocolError
 from fl_lota.vectors import codec
-from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor
 
 SHAPES = {"a": (40, 50), "b": (300,), "c": (8, 8)}
 
@@ -166,6 +166,30 @@ def test_clients_that_miss_rounds_or_lose_state_end_with_the_servers_update(valu
             server.forget(n)
             c.take(server.for_node(n))
         assert _same(c.g, g) and c.d == digest(g)
+
+
+def test_clients_end_with_the_servers_update_when_the_server_holds_it_packed():
+    """G grows dense enough that the server packs it (as the aggregator holds it); what the
+    clients rebuild, from changes and values alone, is the same update."""
+    gen = torch.Generator().manual_seed(5)
+    server = Downlink("bf16", keep=2)
+    clients = {str(i): _Client("bf16") for i in range(3)}
+    g = SparseTaskVector()
+    packed_seen = False
+    for rnd in range(5):
+        for n in clients if rnd != 2 else ["0"]:  # two clients miss round 2
+            sent = server.for_node(n)
+            clients[n].take(sent)
+            server.confirm(n)
+            assert clients[n].d == server.digest and _same(clients[n].g, server.tv)
+        grow = g.add(_random_update(gen, 0.3)) if rnd < 3 else g.with_values({k: t.values * 2 for k, t in g.items()})
+        g = codec.decode(codec.encode(grow, values="bf16"), native=True, pack=True)
+        packed_seen |= any(isinstance(g.stored(k), PackedTensor) for k in g)
+        server.publish(g)
+    assert packed_seen
+    for n, c in clients.items():
+        c.take(server.for_node(n))
+        assert c.d == digest(g) and _same(c.g, g)
 
 
 def test_a_client_that_holds_the_update_already_is_sent_almost_nothing_and_a_change_is_small():

@@ -14,7 +14,7 @@ from fl_lota.federated.runconfig import RunConfig, RunConfigError
 from fl_lota.merging.merge import merge
 from fl_lota.training.data import stream_order
 from fl_lota.vectors import codec, lowrank
-from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor
 
 TINY = dict(
     model="tiny",
@@ -362,3 +362,24 @@ def test_mutated_uploads_only_ever_produce_named_rejections(edits, tail, values_
         assert all(agg.global_tv[n].shape == SHAPES[n] for n in agg.global_tv)
         assert all(torch.isfinite(t.values).all() for t in agg.global_tv.values())
         assert all(float(t.values.abs().max()) <= 2 * MAX_UPDATE_ABS for t in agg.global_tv.values() if t.nnz)
+
+
+def test_the_server_holds_g_packed_where_the_clients_masks_make_it_dense():
+    """Eight clients at 20% each: G's union is dense enough that a bit per entry and dense
+    values take less than positions and values; it reads as the update the clients decode."""
+    shapes = {"a": (64, 64), "b": (512,)}
+    agg = Aggregator(RunConfig(values="bf16", merge="mask_aware"))
+    ups = [Upload(str(i), codec.encode(sparse_tv(i, 0.2, shapes)), 1.0) for i in range(8)]
+    r = agg.aggregate(ups)
+    assert len(r.accepted) == 8 and r.global_nnz > 0.7 * r.global_numel
+    assert all(isinstance(agg.global_tv.stored(n), PackedTensor) for n in shapes)
+    clients_see = codec.decode(agg.global_payload)
+    for n in shapes:
+        assert torch.equal(agg.global_tv[n].indices, clients_see[n].indices)
+        assert torch.equal(agg.global_tv[n].values.float(), clients_see[n].values)
+    # the next round merges onto the packed G as it would onto the sparse one
+    nxt = [Upload(str(i), codec.encode(sparse_tv(10 + i, 0.2, shapes)), 1.0) for i in range(2)]
+    want = merge("mask_aware", [codec.decode(u.payload) for u in nxt], [1.0, 1.0], onto=clients_see)
+    agg.aggregate(nxt)
+    for n in shapes:
+        assert torch.equal(agg.global_tv[n].values.float(), want[n].values.to(torch.bfloat16).float())

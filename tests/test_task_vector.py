@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fl_lota.training.masks import magnitude_mask
-from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor
 
 
 def _delta():
@@ -106,3 +106,42 @@ def test_indices_are_held_as_int32_where_the_tensor_allows_and_files_keep_int64(
     assert raw["b::values"].dtype == torch.float32  # the format's value type, whatever is held
     back = SparseTaskVector.load(tmp_path / "tv.safetensors")
     assert back["w"].indices.dtype == torch.int32 and torch.equal(back["w"].indices, t.indices)
+
+
+def _bf16_sparse(shape, density, seed):
+    g = torch.Generator().manual_seed(seed)
+    numel = int(torch.tensor(shape).prod())
+    idx = torch.nonzero(torch.rand(numel, generator=g) < density).reshape(-1)
+    return SparseTensor(shape, idx, torch.randn(idx.numel(), generator=g).to(torch.bfloat16))
+
+
+def test_a_packed_tensor_reads_as_the_same_positions_and_values():
+    tv = SparseTaskVector({"dense_enough": _bf16_sparse((60, 50), 0.6, 0), "sparse": _bf16_sparse((500,), 0.05, 1)})
+    held_zero = SparseTensor((40,), torch.arange(2, 38), torch.zeros(36))  # held entries whose value is 0
+    tv = SparseTaskVector({**tv, "zeros": held_zero})
+    p = tv.packed()
+    assert isinstance(p.stored("dense_enough"), PackedTensor) and isinstance(p.stored("zeros"), PackedTensor)
+    assert isinstance(p.stored("sparse"), SparseTensor)  # positions and values are smaller there
+    assert p.nnz == tv.nnz and p.numel == tv.numel and list(p) == list(tv)
+    for name in tv:
+        a, b = tv[name], p[name]
+        assert b.indices.dtype == a.indices.dtype and torch.equal(b.indices, a.indices)
+        assert b.values.dtype == a.values.dtype and torch.equal(b.values, a.values)
+    assert p["zeros"].nnz == 36  # a held zero stays held
+    assert isinstance(SparseTaskVector(p).stored("dense_enough"), PackedTensor)  # copying keeps the form
+    assert torch.equal(p.add(tv)["dense_enough"].values, tv.add(tv)["dense_enough"].values)
+    sup = p.support()  # a layout: the same positions, one shared zero for values, still packed
+    assert isinstance(sup.stored("dense_enough"), PackedTensor)
+    assert torch.equal(sup["dense_enough"].indices, tv["dense_enough"].indices)
+    assert sup["dense_enough"].values.stride(0) == 0 and not sup["dense_enough"].values.any()
+    repacked = PackedTensor.pack(tv.support()["sparse"])  # packing a support keeps its values shared
+    assert repacked.dense.stride(0) == 0 and torch.equal(repacked.unpack().indices, tv["sparse"].indices)
+
+
+def test_packing_is_chosen_only_where_it_is_smaller():
+    numel = 1000
+    # bf16 values and int32 positions: packed 125 + 2000 bytes against 6 per entry
+    assert not PackedTensor.smaller(numel, 354, 2) and PackedTensor.smaller(numel, 355, 2)
+    assert not PackedTensor.smaller(numel, numel, 2)  # a whole tensor goes dense
+    whole = SparseTaskVector({"w": SparseTensor((4,), torch.arange(4), torch.ones(4))})
+    assert isinstance(whole.packed().stored("w"), SparseTensor)

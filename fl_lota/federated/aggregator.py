@@ -5,7 +5,9 @@ State: ``G``, the cumulative merged update (the global model is ``base + G``), a
 mask each LoTA client registered with its first (full) upload, against which its later
 values-only uploads are decoded. ``G`` is kept exactly as clients decode it from the wire
 (``decode(encode(G))``), so server and clients hold bit-identical global weights; bf16
-values are held as bfloat16 (exact), indices as int32.
+values are held as bfloat16 (exact), indices as int32, and a tensor where ``G`` is dense
+enough is packed (a bit per entry and dense values: ``PackedTensor``), so ``G``'s memory
+stops growing with the union of the clients' masks.
 
 Masks and partitions are bound to the sender's identity (Flower's node id; on the
 deployment engine with SuperNode authentication, an authenticated key): the first node to
@@ -124,7 +126,7 @@ class Aggregator:
         """State from a checkpoint: ``G`` as the clients decoded it, the masks and who owns
         each partition (a node id that is gone is taken over by the next node reporting it)."""
         self.global_payload = codec.encode(global_tv, values=self.cfg.values)
-        self.global_tv = codec.decode(self.global_payload, native=True)
+        self.global_tv = codec.decode(self.global_payload, native=True, pack=True)
         self.masks = {k: m.support() for k, m in masks.items()}
         self.owners = {int(p): str(n) for p, n in owners.items()}
         self.candidates = {}
@@ -295,7 +297,7 @@ class Aggregator:
                     self.candidates[name] = codec.encode_tensors(tensors, values=self.cfg.values)
                     del tensors
                 del vectors[:]  # the decoded uploads are not needed any more
-                new_tv = codec.decode(self.candidates[self.cfg.merge], native=True)
+                new_tv = codec.decode(self.candidates[self.cfg.merge], native=True, pack=True)
             except (ValueError, RuntimeError, FloatingPointError) as e:  # CodecError included
                 # accepted uploads are bounded, so this is not expected; if it happens the
                 # round leaves G as it was rather than stopping the run or storing garbage

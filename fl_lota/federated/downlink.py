@@ -32,7 +32,7 @@ import torch
 from fl_lota.federated.protocol import EMPTY, GlobalRef
 from fl_lota.vectors import codec
 from fl_lota.vectors.fltv import hash_pieces
-from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
+from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor
 
 __all__ = [
     "Downlink",
@@ -73,14 +73,17 @@ def digest(tv: SparseTaskVector) -> str:
 
 def canonical(tv: SparseTaskVector) -> SparseTaskVector:
     """``tv`` in the form both sides keep: tensors by name, none without entries, a tensor
-    whose support is every entry dense. It does to a model what ``tv`` does."""
+    whose support is every entry dense; a packed tensor stays packed (it reads the same). It
+    does to a model what ``tv`` does."""
     out = {}
     for name in sorted(tv):
-        t = tv[name]
+        t = tv.stored(name)
         if t.nnz == 0:
             continue
-        if t.indices is not None and t.nnz == t.numel:  # strictly increasing and numel of them: all
-            t = SparseTensor(t.shape, None, t.values)
+        if isinstance(t, PackedTensor) and t.nnz == t.numel:
+            t = SparseTensor(t.shape, None, t.dense)
+        elif isinstance(t, SparseTensor) and t.indices is not None and t.nnz == t.numel:
+            t = SparseTensor(t.shape, None, t.values)  # strictly increasing and numel of them: all
         out[name] = t
     return SparseTaskVector(out)
 

@@ -41,7 +41,7 @@ from fl_lota.vectors.fltv import (
     index_entropy_bytes,
     mask_fingerprint,
 )
-from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor, index_dtype
+from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor, index_dtype
 
 __all__ = [
     "HEADER",
@@ -100,11 +100,13 @@ def decode(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     max_abs: float | None = None,
     native: bool = False,
+    pack: bool = False,
 ) -> SparseTaskVector:
     """Parse an FLTV payload into a SparseTaskVector (float32 values). ``mask`` is required
     for values-only payloads and must be the one they were encoded against. ``native``:
     hold the values of a bf16 payload as bfloat16 (exact: they were sent as bf16), half the
-    memory; a reader that computes with them converts to float32 first.
+    memory; a reader that computes with them converts to float32 first. ``pack``: store each
+    tensor packed where that is smaller (``PackedTensor.smaller``), as it is decoded.
 
     Everything is checked before it is allocated: ``max_bytes`` refuses a larger payload
     before reading it; the tensor table is checked against ``shapes`` (names and shapes a
@@ -158,7 +160,7 @@ def decode(
         layout = as_layout(mask)
         if mask_fingerprint(layout) != head.fingerprint:
             raise MaskMismatchError("values-only payload was encoded against a different mask (fingerprint mismatch)")
-        if [(e[0], e[1], e[3]) for e in entries] != [(n, t.shape, t.nnz) for n, t in layout.items()]:
+        if [(e[0], e[1], e[3]) for e in entries] != [(n, (t := layout.stored(n)).shape, t.nnz) for n in layout]:
             raise CodecError("values-only payload's tensor table disagrees with the mask")
 
     sparse_nnz = sum(e[3] for e in entries if not e[2])
@@ -174,7 +176,7 @@ def decode(
     if r.pos != len(r.buf):
         raise CodecError(f"{len(r.buf) - r.pos} trailing bytes after the last stream")
     hold = torch.bfloat16 if (native and dcode == VALUE_DTYPES["bf16"]) else torch.float32
-    walk = _Walk(entries, layout, codes, escapes, planes, dcode, max_abs, hold)
+    walk = _Walk(entries, layout, codes, escapes, planes, dcode, max_abs, hold, pack)
     # What the tensors take once decoded. A payload that expands far beyond its own size is
     # checked whole, one tensor at a time, before anything is kept, so rejecting it costs
     # its own size plus one tensor; a payload of ordinary compression is decoded in one pass.
@@ -194,8 +196,9 @@ class _Walk:
     """Decodes a payload's tensors from its streams, one piece of at most ``CHUNK`` entries
     at a time, checking each piece; only the decoded tensors themselves are kept."""
 
-    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs, hold) -> None:
+    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs, hold, pack) -> None:
         self.entries, self.layout, self.dcode, self.max_abs, self.hold = entries, layout, dcode, max_abs, hold
+        self.pack = pack
         self.codes, self.escapes, self.planes = codes, escapes, planes
         self.streams = [x for x in (codes, escapes, *planes) if x is not None]
 
@@ -232,10 +235,15 @@ class _Walk:
             )
         return v
 
-    def run(self, *, keep: bool) -> dict[str, SparseTensor]:
+    def run(self, *, keep: bool) -> dict[str, SparseTensor | PackedTensor]:
         for stream in self.streams:
             stream.rewind()
         out = {}
+        # Unpacked, every tensor's values are views into one block: freed, it is one piece of
+        # memory the next allocations can reuse, not a hole per tensor between the positions
+        # that a registered mask keeps (packed tensors copy theirs out of a block per tensor).
+        block = torch.empty(0 if self.pack else sum(e[3] for e in self.entries), dtype=self.hold) if keep else None
+        at = 0
         for name, shape, dense, nnz, scale in self.entries:
             numel = math.prod(shape)
             sparse = self.layout is None and not dense
@@ -243,7 +251,9 @@ class _Walk:
             # int64 copy of a whole tensor's indices is ever made
             wide = index_dtype(numel) == torch.int64
             idx = np.empty(nnz, dtype=np.int64 if wide else np.int32) if (keep and sparse) else None
-            vals = torch.empty(nnz, dtype=self.hold) if keep else None
+            if keep:
+                vals = torch.empty(nnz, dtype=self.hold) if self.pack else block[at : at + nnz]
+                at += nnz
             last = -1
             for lo in range(0, nnz, CHUNK):
                 n = min(CHUNK, nnz - lo)
@@ -260,7 +270,10 @@ class _Walk:
                     indices = self.layout[name].indices
                 else:
                     indices = None if dense else torch.from_numpy(idx)
-                out[name] = SparseTensor(shape, indices, vals)
+                t = SparseTensor(shape, indices, vals)
+                if self.pack and PackedTensor.smaller(numel, nnz, self.hold.itemsize):
+                    t = PackedTensor.pack(t)  # one tensor held in both forms for a moment
+                out[name] = t
         for stream in self.streams:
             stream.close()
         return out

@@ -6,6 +6,7 @@ both. The format's layout and limits are in ``fl_lota.vectors.fltv``.
 from __future__ import annotations
 
 import hashlib
+import io
 import struct
 from collections.abc import Callable, Iterable, Iterator
 
@@ -118,8 +119,6 @@ def encode_tensors(
                 plane.add(value_plane(v, dcode, i))
     if seen != len(sizes) or again.digest() != fp.digest():
         raise CodecError("the tensors changed between encode_tensors' two passes")
-    # the body as parts, joined once into the payload (the parts and the payload are both
-    # held while joining: twice the compressed size, no more)
     parts = [b"".join(table)]
     for stream in (*streams, *planes):
         parts.extend(stream.finish())
@@ -128,7 +127,19 @@ def encode_tensors(
     check = hashlib.blake2b(digest_size=16)  # body_checksum(head, body), part by part
     for part in (head, *parts):
         check.update(part)
-    return b"".join([head, check.digest(), *parts])
+    return _join([head, check.digest(), *parts])
+
+
+def _join(parts: list) -> bytes:
+    """The parts as one bytes object, each part dropped once copied (``parts`` is emptied).
+    The buffer grows in place as parts are written and ``BytesIO.getvalue`` hands it over
+    uncopied, so memory holds the payload and one part at most, where ``b"".join`` holds
+    twice the payload."""
+    out = io.BytesIO()
+    parts.reverse()
+    while parts:
+        out.write(parts.pop())
+    return out.getvalue()
 
 
 def _check(name: str, t: SparseTensor, dcode: int, values_only: bool) -> float:

@@ -8,6 +8,13 @@ paying for an index per entry. Indices are held as int32 wherever the tensor all
 2^31 entries; every tensor of the models fl-lota trains): half the memory of int64 for the
 server's registered masks and decoded uploads (an indexing op may still widen them to int64
 for its own duration). Files keep int64 (the format's type).
+
+A vector may hold a tensor *packed* (``PackedTensor``): one bit per entry for the support and
+the values dense, which is smaller than positions and values once the support is dense
+enough (above about a third of the entries for bf16 values and int32 positions). The
+server's global update ``G``, the union of every client's mask, is held this way where it is
+dense, so its memory stops growing with the clients. Reading a packed tensor
+(``tv[name]``) gives the same ``SparseTensor`` the sparse form holds, built for the reader.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["SparseTaskVector", "SparseTensor", "index_dtype"]
+__all__ = ["PackedTensor", "SparseTaskVector", "SparseTensor", "index_dtype"]
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -110,14 +118,83 @@ class SparseTensor:
         return out.reshape(self.shape)
 
 
-class SparseTaskVector(Mapping[str, SparseTensor]):
-    """An ordered mapping ``parameter name -> SparseTensor``."""
+@dataclass(frozen=True)
+class PackedTensor:
+    """A sparse tensor held as its support's bitmap and dense values.
 
-    def __init__(self, tensors: Mapping[str, SparseTensor] | None = None) -> None:
-        self._tensors: dict[str, SparseTensor] = dict(tensors or {})
+    shape:  the parameter's shape.
+    bits:   (ceil(numel / 8),) uint8: bit ``i`` (numpy's ``packbits`` order) set where entry
+            ``i`` is held.
+    dense:  (numel,) the held entries' values at their positions, zeros elsewhere; for a
+            support (``SparseTaskVector.support``), one shared zero (a zero-stride view).
+    nnz:    how many entries are held (the bits set).
+    """
+
+    shape: tuple[int, ...]
+    bits: torch.Tensor
+    dense: torch.Tensor
+    nnz: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @staticmethod
+    def smaller(numel: int, nnz: int, value_bytes: int) -> bool:
+        """Whether the packed form of a tensor takes fewer bytes than positions and values
+        (``value_bytes`` 0: a support, whose values cost nothing either way), and the
+        tensor is not whole (a whole tensor is dense, smaller still)."""
+        return nnz < numel and (numel + 7) // 8 + numel * value_bytes < nnz * (
+            index_dtype(numel).itemsize + value_bytes
+        )
+
+    @classmethod
+    def pack(cls, t: SparseTensor) -> PackedTensor:
+        held = np.zeros(t.numel, dtype=bool)
+        idx = t.flat_indices().cpu()
+        held[idx.numpy()] = True
+        if t.nnz and t.values.stride(0) == 0:  # a support: its one shared value stays shared
+            dense = t.values[:1].expand(t.numel)
+        else:
+            dense = torch.zeros(t.numel, dtype=t.values.dtype)
+            dense[idx] = t.values.detach().cpu()
+        return cls(tuple(t.shape), torch.from_numpy(np.packbits(held)), dense, t.nnz)
+
+    def unpack(self) -> SparseTensor:
+        """The same tensor as positions and values (each call builds them anew)."""
+        held = np.unpackbits(self.bits.numpy(), count=self.numel).view(bool)
+        idx = torch.from_numpy(
+            np.flatnonzero(held).astype(np.int32 if index_dtype(self.numel) == torch.int32 else np.int64)
+        )
+        vals = self.dense[idx] if self.dense.stride(0) else self.dense[:1].expand(self.nnz)
+        return SparseTensor(self.shape, idx, vals)
+
+
+class SparseTaskVector(Mapping[str, SparseTensor]):
+    """An ordered mapping ``parameter name -> SparseTensor``; a tensor may be stored packed
+    (``PackedTensor``, see ``packed``) and is read as a ``SparseTensor`` all the same."""
+
+    def __init__(self, tensors: Mapping[str, SparseTensor | PackedTensor] | None = None) -> None:
+        if isinstance(tensors, SparseTaskVector):  # as stored: reading would unpack each
+            tensors = tensors._tensors
+        self._tensors: dict[str, SparseTensor | PackedTensor] = dict(tensors or {})
 
     def __getitem__(self, name: str) -> SparseTensor:
+        t = self._tensors[name]
+        return t.unpack() if isinstance(t, PackedTensor) else t
+
+    def stored(self, name: str) -> SparseTensor | PackedTensor:
+        """Tensor ``name`` as stored (packed or not), without unpacking it."""
         return self._tensors[name]
+
+    def packed(self) -> SparseTaskVector:
+        """The same vector, each tensor packed where that is smaller (``PackedTensor.smaller``)."""
+        out = {}
+        for name, t in self._tensors.items():
+            if isinstance(t, SparseTensor) and PackedTensor.smaller(t.numel, t.nnz, t.values.element_size()):
+                t = PackedTensor.pack(t)
+            out[name] = t
+        return SparseTaskVector(out)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
@@ -166,23 +243,29 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         return cls(out)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        return {name: t.to_dense(dtype) for name, t in self._tensors.items()}
+        return {name: t.to_dense(dtype) for name, t in self.items()}
 
     def masks(self) -> dict[str, torch.Tensor]:
-        return {name: t.mask() for name, t in self._tensors.items()}
+        return {name: t.mask() for name, t in self.items()}
 
     def support(self) -> SparseTaskVector:
         """The same entries with no values of their own: every value is one shared zero (a
         zero-stride view), so a layout to decode values-only payloads against costs its
-        indices alone."""
+        positions alone (shared with ``self``'s: the server's registered mask costs nothing
+        beside the decoded upload it came with). A packed tensor stays packed."""
         zero = torch.zeros(1)
-        return SparseTaskVector(
-            {n: SparseTensor(t.shape, t.indices, zero.expand(t.nnz)) for n, t in self._tensors.items()}
-        )
+        out = {}
+        for name in self:
+            t = self._tensors[name]
+            if isinstance(t, PackedTensor):
+                out[name] = PackedTensor(t.shape, t.bits, zero.expand(t.numel), t.nnz)
+            else:
+                out[name] = SparseTensor(t.shape, t.indices, zero.expand(t.nnz))
+        return SparseTaskVector(out)
 
     def with_values(self, values: Mapping[str, torch.Tensor]) -> SparseTaskVector:
         """Same layout (shapes and indices), new values."""
-        return SparseTaskVector({n: SparseTensor(t.shape, t.indices, values[n]) for n, t in self._tensors.items()})
+        return SparseTaskVector({n: SparseTensor(t.shape, t.indices, values[n]) for n, t in self.items()})
 
     @torch.no_grad()
     def add(self, other: SparseTaskVector, scale: float = 1.0) -> SparseTaskVector:
@@ -191,7 +274,7 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         stored dense. Shapes of shared names must agree."""
         out = {}
         for name in dict.fromkeys([*self._tensors, *other._tensors]):
-            a, b = self._tensors.get(name), other._tensors.get(name)
+            a, b = self.get(name), other.get(name)
             if a is not None and b is not None and a.shape != b.shape:
                 raise ValueError(f"{name}: shapes {a.shape} and {b.shape} differ")
             shape = (a or b).shape
@@ -212,7 +295,7 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         """In place: ``param += scale * delta`` at the kept entries (accumulated in the
         parameter's dtype). Raises ValueError on a tensor the target lacks."""
         target = dict(params.named_parameters()) if isinstance(params, torch.nn.Module) else params
-        for name, t in self._tensors.items():
+        for name, t in self.items():
             if name not in target:
                 raise ValueError(f"task vector tensor {name!r} not found in the target")
             p = target[name]
@@ -233,8 +316,11 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         shapes in the metadata. Never pickle."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, str] = {"format": "fl_lota.task_vector.v1", "names": json.dumps(list(self._tensors))}
-        for name, t in self._tensors.items():
-            tensors[f"{name}::values"] = t.values.float().contiguous()
+        for name, t in self.items():
+            v = t.values.float().contiguous()
+            if v.untyped_storage().nbytes() != v.numel() * v.element_size():
+                v = v.clone()  # a view into a decoded payload's one block: safetensors stores its own
+            tensors[f"{name}::values"] = v
             if t.indices is not None:
                 tensors[f"{name}::indices"] = t.indices.to(torch.int64).contiguous()
             meta[f"shape::{name}"] = ",".join(str(s) for s in t.shape)
