@@ -11,12 +11,14 @@ import torch
 from fl_lota.federated.downlink import (
     Downlink,
     DownlinkError,
+    canonical,
     change,
     digest,
     encode_exact,
     held_from,
     overwrite,
     receive,
+    same_support,
     to_keep,
 )
 from fl_lota.federated.protocol import GlobalRef, ProtocolError
@@ -186,6 +188,8 @@ def test_clients_end_with_the_servers_update_when_the_server_holds_it_packed():
         g = codec.decode(codec.encode(grow, values="bf16"), native=True, pack=True)
         packed_seen |= any(isinstance(g.stored(k), PackedTensor) for k in g)
         server.publish(g)
+        if packed_seen:  # the server keeps G as given: packed, no unpacked copy beside it
+            assert any(isinstance(server.tv.stored(k), PackedTensor) for k in server.tv)
     assert packed_seen
     for n, c in clients.items():
         c.take(server.for_node(n))
@@ -297,3 +301,18 @@ def test_a_digest_does_not_depend_on_the_dtype_positions_are_held_in():
     h.update(torch.tensor([1, 4], dtype=torch.int64).numpy().tobytes())
     h.update(torch.tensor([0.5, -2.0]).numpy().tobytes())
     assert digest(tv) == h.hexdigest()
+
+
+def test_changes_between_packed_updates_are_those_between_unpacked_ones_and_leave_them_intact():
+    gen = torch.Generator().manual_seed(9)
+    old = _random_update(gen, 0.6)  # float32 values: packing is smaller above about 52%
+    new = old.add(_random_update(gen, 0.2))
+    p_old, p_new = old.packed(), new.packed()
+    assert any(isinstance(p_old.stored(k), PackedTensor) for k in p_old)
+    before = {k: t.values.clone() for k, t in p_old.items()}
+    assert _same(change(p_old, p_new), change(old, new))
+    assert same_support(canonical(p_old), canonical(old)) and not same_support(canonical(p_old), canonical(p_new))
+    assert same_support(canonical(p_new), canonical(new.packed()))  # two bitmaps compared as bitmaps
+    rebuilt = overwrite(p_old, change(p_old, p_new))
+    assert digest(rebuilt) == digest(new)
+    assert all(torch.equal(p_old[k].values, v) for k, v in before.items())  # float32, packed: not written into

@@ -129,7 +129,11 @@ def test_a_packed_tensor_reads_as_the_same_positions_and_values():
         assert b.values.dtype == a.values.dtype and torch.equal(b.values, a.values)
     assert p["zeros"].nnz == 36  # a held zero stays held
     assert isinstance(SparseTaskVector(p).stored("dense_enough"), PackedTensor)  # copying keeps the form
-    assert torch.equal(p.add(tv)["dense_enough"].values, tv.add(tv)["dense_enough"].values)
+    for x, y in ((p, tv), (tv, p), (p, p)):  # packed operands add bit for bit as unpacked ones
+        got, want = x.add(y, scale=0.3), tv.add(tv, scale=0.3)
+        assert all(
+            torch.equal(got[n].values, want[n].values) and torch.equal(got[n].indices, want[n].indices) for n in tv
+        )
     sup = p.support()  # a layout: the same positions, one shared zero for values, still packed
     assert isinstance(sup.stored("dense_enough"), PackedTensor)
     assert torch.equal(sup["dense_enough"].indices, tv["dense_enough"].indices)
@@ -145,3 +149,16 @@ def test_packing_is_chosen_only_where_it_is_smaller():
     assert not PackedTensor.smaller(numel, numel, 2)  # a whole tensor goes dense
     whole = SparseTaskVector({"w": SparseTensor((4,), torch.arange(4), torch.ones(4))})
     assert isinstance(whole.packed().stored("w"), SparseTensor)
+
+
+def test_unpacking_in_pieces_and_membership_that_reads_nothing(monkeypatch):
+    import fl_lota.vectors.task_vector as tvmod
+
+    t = _bf16_sparse((7, 29), 0.5, 3)  # 203 entries: pieces of 16 bits end mid-byte of the tensor
+    monkeypatch.setattr(tvmod, "_PIECE", 16)
+    back = PackedTensor.pack(t).unpack()
+    assert torch.equal(back.indices, t.indices) and torch.equal(back.values, t.values)
+    calls = []
+    monkeypatch.setattr(PackedTensor, "unpack", lambda self: calls.append(1))
+    p = SparseTaskVector({"w": t}).packed()
+    assert "w" in p and "x" not in p and p.nnz == t.nnz and not calls

@@ -204,7 +204,8 @@ class Aggregator:
                 mask = None
             try:
                 # bf16 values held as sent (half the memory of float32); merges compute in float32
-                tv = codec.decode(up.payload, mask=mask, native=True, **limits)  # mask: None for a full upload
+                # values in one block: freed as one piece after the merge (the mask keeps the positions)
+                tv = codec.decode(up.payload, mask=mask, native=True, one_block=True, **limits)  # mask: None: full
             except codec.MaskMismatchError:
                 self.resend_mask.add(up.client)
                 raise

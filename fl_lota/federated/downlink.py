@@ -92,8 +92,13 @@ def same_support(a: SparseTaskVector, b: SparseTaskVector) -> bool:
     """Whether ``a`` and ``b`` (canonical) hold the same entries, in the same order."""
     if list(a) != list(b):
         return False
-    for name, ta in a.items():
-        tb = b[name]
+    for name in a:
+        sa, sb = a.stored(name), b.stored(name)
+        if isinstance(sa, PackedTensor) and isinstance(sb, PackedTensor):  # both bitmaps: compare them
+            if sa.shape != sb.shape or not torch.equal(sa.bits, sb.bits):
+                return False
+            continue
+        ta, tb = a[name], b[name]
         if ta.shape != tb.shape or (ta.indices is None) != (tb.indices is None):
             return False
         if ta.indices is not None and not torch.equal(ta.indices, tb.indices):  # same shape: same index dtype
@@ -101,8 +106,10 @@ def same_support(a: SparseTaskVector, b: SparseTaskVector) -> bool:
     return True
 
 
-def _dense(t: SparseTensor | None, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense(t: SparseTensor | PackedTensor | None, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, held) of ``t`` as flat dense tensors; zeros and nothing held for None."""
+    if isinstance(t, PackedTensor):  # as stored, copied (callers write into them): no positions to build
+        return torch.empty(numel, dtype=torch.float32).copy_(t.dense), t.held()
     vals, held = torch.zeros(numel, dtype=torch.float32), torch.zeros(numel, dtype=torch.bool)
     if t is not None:
         idx = t.flat_indices().cpu()
@@ -119,12 +126,13 @@ def change(old: SparseTaskVector, new: SparseTaskVector) -> SparseTaskVector | N
     if set(old) - set(new):
         return None
     out = {}
-    for name, b in new.items():
-        a = old.get(name)
+    for name in new:
+        a, b = old.stored(name) if name in old else None, new.stored(name)
         if a is not None and a.shape != b.shape:
             return None
-        va, ha = _dense(a, b.numel)
-        vb, hb = _dense(b, b.numel)
+        numel = math.prod(b.shape)
+        va, ha = _dense(a, numel)
+        vb, hb = _dense(b, numel)
         if bool((ha & ~hb).any()):
             return None
         differ = hb & (~ha | (va.view(torch.int32) != vb.view(torch.int32)))
@@ -140,9 +148,9 @@ def overwrite(held: SparseTaskVector, changed: SparseTaskVector) -> SparseTaskVe
     canonical form the server's ``G`` has (a tensor held whole is dense)."""
     out = {}
     for name in dict.fromkeys([*held, *changed]):
-        a, c = held.get(name), changed.get(name)
+        a, c = held.stored(name) if name in held else None, changed.get(name)
         if c is None:
-            out[name] = a
+            out[name] = a  # as stored (packed or not)
             continue
         if a is not None and a.shape != c.shape:
             raise DownlinkError(f"{name}: the change's shape {c.shape} differs from the held update's {a.shape}")

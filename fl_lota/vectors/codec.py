@@ -101,12 +101,17 @@ def decode(
     max_abs: float | None = None,
     native: bool = False,
     pack: bool = False,
+    one_block: bool = False,
 ) -> SparseTaskVector:
     """Parse an FLTV payload into a SparseTaskVector (float32 values). ``mask`` is required
     for values-only payloads and must be the one they were encoded against. ``native``:
     hold the values of a bf16 payload as bfloat16 (exact: they were sent as bf16), half the
     memory; a reader that computes with them converts to float32 first. ``pack``: store each
-    tensor packed where that is smaller (``PackedTensor.smaller``), as it is decoded.
+    tensor packed where that is smaller (``PackedTensor.smaller``), as it is decoded (a full
+    payload's tensors only: a values-only payload's share the mask's positions). ``one_block``:
+    every tensor's values are views of one block, freed as one piece once the whole vector
+    is dropped (the server's uploads); a reader that keeps some tensors and drops others
+    should not ask for it (the block lives while any of its tensors does).
 
     Everything is checked before it is allocated: ``max_bytes`` refuses a larger payload
     before reading it; the tensor table is checked against ``shapes`` (names and shapes a
@@ -176,7 +181,7 @@ def decode(
     if r.pos != len(r.buf):
         raise CodecError(f"{len(r.buf) - r.pos} trailing bytes after the last stream")
     hold = torch.bfloat16 if (native and dcode == VALUE_DTYPES["bf16"]) else torch.float32
-    walk = _Walk(entries, layout, codes, escapes, planes, dcode, max_abs, hold, pack)
+    walk = _Walk(entries, layout, codes, escapes, planes, dcode, max_abs, hold, pack and layout is None, one_block)
     # What the tensors take once decoded. A payload that expands far beyond its own size is
     # checked whole, one tensor at a time, before anything is kept, so rejecting it costs
     # its own size plus one tensor; a payload of ordinary compression is decoded in one pass.
@@ -196,9 +201,9 @@ class _Walk:
     """Decodes a payload's tensors from its streams, one piece of at most ``CHUNK`` entries
     at a time, checking each piece; only the decoded tensors themselves are kept."""
 
-    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs, hold, pack) -> None:
+    def __init__(self, entries, layout, codes, escapes, planes, dcode, max_abs, hold, pack, one_block) -> None:
         self.entries, self.layout, self.dcode, self.max_abs, self.hold = entries, layout, dcode, max_abs, hold
-        self.pack = pack
+        self.pack, self.one_block = pack, one_block
         self.codes, self.escapes, self.planes = codes, escapes, planes
         self.streams = [x for x in (codes, escapes, *planes) if x is not None]
 
@@ -239,10 +244,11 @@ class _Walk:
         for stream in self.streams:
             stream.rewind()
         out = {}
-        # Unpacked, every tensor's values are views into one block: freed, it is one piece of
+        # one_block: every tensor's values are views into one block. Freed, it is one piece of
         # memory the next allocations can reuse, not a hole per tensor between the positions
-        # that a registered mask keeps (packed tensors copy theirs out of a block per tensor).
-        block = torch.empty(0 if self.pack else sum(e[3] for e in self.entries), dtype=self.hold) if keep else None
+        # that a registered mask keeps.
+        one = keep and self.one_block and not self.pack
+        block = torch.empty(sum(e[3] for e in self.entries) if one else 0, dtype=self.hold)
         at = 0
         for name, shape, dense, nnz, scale in self.entries:
             numel = math.prod(shape)
@@ -251,8 +257,9 @@ class _Walk:
             # int64 copy of a whole tensor's indices is ever made
             wide = index_dtype(numel) == torch.int64
             idx = np.empty(nnz, dtype=np.int64 if wide else np.int32) if (keep and sparse) else None
+            vals = None
             if keep:
-                vals = torch.empty(nnz, dtype=self.hold) if self.pack else block[at : at + nnz]
+                vals = block[at : at + nnz] if one else torch.empty(nnz, dtype=self.hold)
                 at += nnz
             last = -1
             for lo in range(0, nnz, CHUNK):

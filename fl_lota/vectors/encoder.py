@@ -121,13 +121,15 @@ def encode_tensors(
         raise CodecError("the tensors changed between encode_tensors' two passes")
     parts = [b"".join(table)]
     for stream in (*streams, *planes):
-        parts.extend(stream.finish())
+        parts.extend(stream.finish())  # the stream lets go of its bytes: parts holds the only reference
+    del streams, planes
     mode = MODE_VALUES_ONLY if values_only else MODE_FULL
     head = HEADER.pack(MAGIC, VERSION, mode, dcode, 0, fp.digest(), sum(map(len, parts)), b"\0" * 16)[:24]
     check = hashlib.blake2b(digest_size=16)  # body_checksum(head, body), part by part
     for part in (head, *parts):
         check.update(part)
-    return _join([head, check.digest(), *parts])
+    parts[:0] = [head, check.digest()]
+    return _join(parts)
 
 
 def _join(parts: list) -> bytes:
@@ -191,4 +193,5 @@ class _Stream:
             self.out += self.comp.flush()
         except zstandard.ZstdError as e:  # fewer bytes than the frame declared
             raise CodecError(f"a stream fell short of the size its frame declares: {e}") from None
-        return struct.pack("<QQ", self.size, len(self.out)), self.out
+        out, self.out = self.out, None  # the caller's alone, so that it can drop it once copied
+        return struct.pack("<QQ", self.size, len(out)), out

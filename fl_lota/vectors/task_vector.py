@@ -118,6 +118,9 @@ class SparseTensor:
         return out.reshape(self.shape)
 
 
+_PIECE = 1 << 23  # bits unpacked at a time (a multiple of 8)
+
+
 @dataclass(frozen=True)
 class PackedTensor:
     """A sparse tensor held as its support's bitmap and dense values.
@@ -125,8 +128,9 @@ class PackedTensor:
     shape:  the parameter's shape.
     bits:   (ceil(numel / 8),) uint8: bit ``i`` (numpy's ``packbits`` order) set where entry
             ``i`` is held.
-    dense:  (numel,) the held entries' values at their positions, zeros elsewhere; for a
-            support (``SparseTaskVector.support``), one shared zero (a zero-stride view).
+    dense:  (numel,) the held entries' values at their positions, zeros elsewhere (``add``
+            relies on it); for a support (``SparseTaskVector.support``), one shared zero (a
+            zero-stride view).
     nnz:    how many entries are held (the bits set).
     """
 
@@ -153,21 +157,33 @@ class PackedTensor:
         held = np.zeros(t.numel, dtype=bool)
         idx = t.flat_indices().cpu()
         held[idx.numpy()] = True
-        if t.nnz and t.values.stride(0) == 0:  # a support: its one shared value stays shared
+        if t.nnz > 1 and t.values.stride(0) == 0 and not bool(t.values[:1].any()):  # a support: one shared zero
             dense = t.values[:1].expand(t.numel)
         else:
             dense = torch.zeros(t.numel, dtype=t.values.dtype)
             dense[idx] = t.values.detach().cpu()
         return cls(tuple(t.shape), torch.from_numpy(np.packbits(held)), dense, t.nnz)
 
+    def held(self) -> torch.Tensor:
+        """(numel,) bool: True where an entry is held."""
+        return torch.from_numpy(np.unpackbits(self.bits.numpy(), count=self.numel).view(bool))
+
     def unpack(self) -> SparseTensor:
-        """The same tensor as positions and values (each call builds them anew)."""
-        held = np.unpackbits(self.bits.numpy(), count=self.numel).view(bool)
-        idx = torch.from_numpy(
-            np.flatnonzero(held).astype(np.int32 if index_dtype(self.numel) == torch.int32 else np.int64)
-        )
-        vals = self.dense[idx] if self.dense.stride(0) else self.dense[:1].expand(self.nnz)
-        return SparseTensor(self.shape, idx, vals)
+        """The same tensor as positions and values (each call builds them anew): positions
+        found a piece of ``_PIECE`` bits at a time, straight into their int32 (or int64) array."""
+        bits = self.bits.numpy()
+        idx = np.empty(self.nnz, dtype=np.int32 if index_dtype(self.numel) == torch.int32 else np.int64)
+        at = 0
+        for lo in range(0, self.numel, _PIECE):
+            held = np.unpackbits(bits[lo // 8 : (lo + _PIECE) // 8 + 1], count=min(_PIECE, self.numel - lo))
+            piece = np.flatnonzero(held)
+            idx[at : at + piece.size] = piece + lo
+            at += piece.size
+        if at != self.nnz:
+            raise ValueError(f"a packed tensor's bitmap holds {at} entries, it says {self.nnz}")
+        t = torch.from_numpy(idx)
+        vals = self.dense[t] if self.dense.stride(0) else self.dense[:1].expand(self.nnz)
+        return SparseTensor(self.shape, t, vals)
 
 
 class SparseTaskVector(Mapping[str, SparseTensor]):
@@ -183,6 +199,9 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         t = self._tensors[name]
         return t.unpack() if isinstance(t, PackedTensor) else t
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would read (unpack) the tensor
+        return name in self._tensors
+
     def stored(self, name: str) -> SparseTensor | PackedTensor:
         """Tensor ``name`` as stored (packed or not), without unpacking it."""
         return self._tensors[name]
@@ -191,7 +210,10 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         """The same vector, each tensor packed where that is smaller (``PackedTensor.smaller``)."""
         out = {}
         for name, t in self._tensors.items():
-            if isinstance(t, SparseTensor) and PackedTensor.smaller(t.numel, t.nnz, t.values.element_size()):
+            shared = t.nnz > 1 and t.values.stride(0) == 0  # a support: its values cost nothing
+            if isinstance(t, SparseTensor) and PackedTensor.smaller(
+                t.numel, t.nnz, 0 if shared else t.values.element_size()
+            ):
                 t = PackedTensor.pack(t)
             out[name] = t
         return SparseTaskVector(out)
@@ -274,7 +296,7 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         stored dense. Shapes of shared names must agree."""
         out = {}
         for name in dict.fromkeys([*self._tensors, *other._tensors]):
-            a, b = self.get(name), other.get(name)
+            a, b = self._tensors.get(name), other._tensors.get(name)
             if a is not None and b is not None and a.shape != b.shape:
                 raise ValueError(f"{name}: shapes {a.shape} and {b.shape} differ")
             shape = (a or b).shape
@@ -283,6 +305,10 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
             held = torch.zeros(numel, dtype=torch.bool)
             for t, s in ((a, 1.0), (b, scale)):
                 if t is None:
+                    continue
+                if isinstance(t, PackedTensor):  # its dense values and bitmap as they are stored
+                    acc += t.dense.float() * s  # zeros where nothing is held
+                    held |= t.held()
                     continue
                 idx = t.flat_indices().cpu()
                 acc.index_add_(0, idx, t.values.detach().float().cpu() * s)
