@@ -64,6 +64,31 @@ def test_int8_round_trip_within_half_a_step():
         assert (back[n].values - t.values).abs().max() <= step / 2 + 1e-9
 
 
+@pytest.mark.parametrize(
+    "kind, code, most_bits",
+    [("gaussian", 2, 6.9), ("near_uniform", 3, 7.93)],  # zstd codes the byte plane / only the nibbles
+)
+def test_int8_goes_in_the_smaller_of_its_two_layouts_and_decodes_exactly(kind, code, most_bits):
+    g = torch.Generator().manual_seed(0)
+    n = 1_000_000
+    if kind == "gaussian":
+        v = torch.randn(n, generator=g)
+    else:  # half uniform, half a narrow Gaussian: 7.9 bits of entropy, no symbol above 1/128
+        v = torch.where(
+            torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g) * 2 - 1, torch.randn(n, generator=g) * 0.3
+        )
+        v = v.clamp(-1, 1)
+    v[0] = 1.0  # every code from -127 to 127 occurs
+    v[1:256] = torch.arange(-127, 128).float() / 127
+    tv = SparseTaskVector({"w": SparseTensor((n,), None, v)})
+    payload = encode(tv, values="int8")
+    assert peek(payload).dtype_code == code and peek(payload).value_dtype == "int8"
+    assert len(payload) * 8 / n < most_bits
+    scale = float(v.abs().max()) / 127
+    want = torch.round(v / torch.tensor(scale)).clamp(-127, 127) * torch.tensor(scale)
+    assert torch.equal(decode(payload)["w"].values, want)
+
+
 def test_dense_empty_and_very_sparse_tensors():
     idx = torch.tensor([0, 3, 100_000, 2_000_000, 2_999_999])  # gaps >= 255 take the escape path
     tv = SparseTaskVector(

@@ -154,3 +154,13 @@ def test_a_frame_that_needs_a_large_window_is_refused_before_decompressing():
     # and what this codec writes at any level stays within the window a receiver allows
     tv = SparseTaskVector({"w": SparseTensor((n,), None, torch.zeros(n))})
     assert torch.equal(decode(encode(tv, values="float32", level=19))["w"].values, tv["w"].values)
+
+
+def test_an_int8_nibble_plane_with_a_byte_above_15_is_refused():
+    table = _dense_table(4)
+    good = [_stream(b""), _stream(b""), _stream(bytes([0, 1, 15, 2])), _stream(bytes([3, 15, 0, 9]))]
+    back = decode(_forge(table, good, values_dtype=3))["w"].values  # zigzag 3, 31, 240, 41
+    assert back.tolist() == [-2.0, -16.0, 120.0, -21.0]
+    bad = [*good[:3], _stream(bytes([3, 16, 0, 9]))]
+    with pytest.raises(CodecError, match="above 15"):
+        decode(_forge(table, bad, values_dtype=3))

@@ -19,6 +19,7 @@ from fl_lota.vectors.fltv import (
     ESCAPE,
     FLAG_DENSE,
     HEADER,
+    INT8_CODES,
     MAGIC,
     MAX_ENTRIES,
     MAX_EXPANSION,
@@ -88,7 +89,7 @@ def peek(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None) 
         raise CodecError(f"reserved header byte is {reserved}, must be 0")
     if dcode not in DTYPE_NAMES:
         raise CodecError(f"unknown value dtype code {dcode}")
-    return Header(version, mode == MODE_VALUES_ONLY, DTYPE_NAMES[dcode], bytes(fp), body_len)
+    return Header(version, mode == MODE_VALUES_ONLY, DTYPE_NAMES[dcode], bytes(fp), body_len, dcode)
 
 
 def decode(
@@ -176,7 +177,7 @@ def decode(
     if not head.values_only:
         codes = r.frame(sparse_nnz, "gap codes")
         escapes = r.frame(None, "escaped gaps", multiple=8, at_most=8 * sparse_nnz)
-    dcode = VALUE_DTYPES[head.value_dtype]
+    dcode = head.dtype_code
     planes = [r.frame(total_nnz, f"value plane {i}") for i in range(PLANES[dcode])]
     if r.pos != len(r.buf):
         raise CodecError(f"{len(r.buf) - r.pos} trailing bytes after the last stream")
@@ -230,7 +231,7 @@ class _Walk:
 
     def _values(self, name: str, n: int, scale: float) -> torch.Tensor:
         v = bytes_to_values(b"".join(p.read(n) for p in self.planes), n, self.dcode)
-        if self.dcode == 2:
+        if self.dcode in INT8_CODES:
             v = v * scale  # the scale can make finite int8 codes infinite: check after it
         if not torch.isfinite(v).all():
             raise CodecError(f"{name}: values hold NaN or Inf")

@@ -18,6 +18,7 @@ from fl_lota.vectors.fltv import (
     CHUNK,
     FLAG_DENSE,
     HEADER,
+    INT8_CODES,
     MAGIC,
     MAX_NDIM,
     MAX_NUMEL,
@@ -98,6 +99,8 @@ def encode_tensors(
     # one compressor per stream, all fed in the same pass
     streams = [] if values_only else [_Stream(params, n_codes), _Stream(params, 8 * n_escapes)]
     planes = [_Stream(params, n_values) for _ in range(PLANES[dcode])]
+    # int8: the codes also as two planes of nibbles (dtype 3); the smaller layout is sent
+    nibbles = [_Stream(params, n_values) for _ in range(PLANES[3])] if dcode in INT8_CODES else []
     again = hashlib.blake2b(digest_size=8)
     seen = 0
     for name, t in tensors():
@@ -113,16 +116,25 @@ def encode_tensors(
         flat = t.values.detach().reshape(-1)
         for lo in range(0, flat.numel(), CHUNK):
             v = flat[lo : lo + CHUNK].float().cpu()
-            if dcode == 2:
+            if dcode in INT8_CODES:
                 v = torch.round(v / scale).clamp_(-127, 127).to(torch.int8)
             for i, plane in enumerate(planes):
                 plane.add(value_plane(v, dcode, i))
+            for i, plane in enumerate(nibbles):
+                plane.add(value_plane(v, 3, i))
     if seen != len(sizes) or again.digest() != fp.digest():
         raise CodecError("the tensors changed between encode_tensors' two passes")
+    values = [x for plane in planes for x in plane.finish()]  # each stream lets go of its bytes
+    if nibbles:
+        other = [x for plane in nibbles for x in plane.finish()]
+        if sum(map(len, other)) < sum(map(len, values)):
+            values, dcode = other, 3
+        del other
     parts = [b"".join(table)]
-    for stream in (*streams, *planes):
-        parts.extend(stream.finish())  # the stream lets go of its bytes: parts holds the only reference
-    del streams, planes
+    for stream in streams:
+        parts.extend(stream.finish())
+    parts.extend(values)
+    del streams, planes, nibbles, values
     mode = MODE_VALUES_ONLY if values_only else MODE_FULL
     head = HEADER.pack(MAGIC, VERSION, mode, dcode, 0, fp.digest(), sum(map(len, parts)), b"\0" * 16)[:24]
     check = hashlib.blake2b(digest_size=16)  # body_checksum(head, body), part by part
@@ -151,7 +163,7 @@ def _check(name: str, t: SparseTensor, dcode: int, values_only: bool) -> float:
     if not bool(torch.isfinite(v).all()):
         raise CodecError(f"{name}: values hold NaN or Inf")
     scale = 1.0
-    if dcode == 2:
+    if dcode in INT8_CODES:
         amax = float(v.abs().max()) if v.numel() else 0.0
         scale = amax / 127.0 if amax > 0 else 1.0
     if t.indices is None or values_only:
