@@ -161,6 +161,15 @@ def test_an_int8_nibble_plane_with_a_byte_above_15_is_refused():
     good = [_stream(b""), _stream(b""), _stream(bytes([0, 1, 15, 2])), _stream(bytes([3, 15, 0, 9]))]
     back = decode(_forge(table, good, values_dtype=3))["w"].values  # zigzag 3, 31, 240, 41
     assert back.tolist() == [-2.0, -16.0, 120.0, -21.0]
-    bad = [*good[:3], _stream(bytes([3, 16, 0, 9]))]
-    with pytest.raises(CodecError, match="above 15"):
-        decode(_forge(table, bad, values_dtype=3))
+    for bad in ([*good[:3], _stream(bytes([3, 16, 0, 9]))], [*good[:2], _stream(bytes([0, 1, 200, 2])), good[3]]):
+        with pytest.raises(CodecError, match="above 15"):  # a low or a high nibble out of range
+            decode(_forge(table, bad, values_dtype=3))
+
+
+def test_an_int4_byte_above_14_is_refused():
+    table = _dense_table(3)
+    assert decode(_forge(table, [_stream(b""), _stream(b""), _stream(bytes([0, 13, 14]))], values_dtype=4))[
+        "w"
+    ].values.tolist() == [0.0, -7.0, 7.0]
+    with pytest.raises(CodecError, match="above 14"):
+        decode(_forge(table, [_stream(b""), _stream(b""), _stream(bytes([0, 15, 14]))], values_dtype=4))

@@ -70,7 +70,7 @@ class RunConfig:
     lora_rank: int = 8
     merge_lam: float = 1.0  # scale of the merged update (task arithmetic's lambda)
     ties_k: float = 0.2  # ties: kept fraction of each update
-    values: str = "bf16"  # wire dtype of update values: float32 | bf16 | int8
+    values: str = "bf16"  # wire dtype of update values: float32 | bf16 | int8 | int4
     n_train: int = 256
     n_test: int = 100
     eval_every: int = 1  # federated evaluation every N rounds (the last round always)

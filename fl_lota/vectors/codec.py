@@ -15,11 +15,11 @@ import torch
 from fl_lota.vectors.encoder import encode, encode_tensors
 from fl_lota.vectors.fltv import (
     CHUNK,
+    CODE_MAX,
     DTYPE_NAMES,
     ESCAPE,
     FLAG_DENSE,
     HEADER,
-    INT8_CODES,
     MAGIC,
     MAX_ENTRIES,
     MAX_EXPANSION,
@@ -231,8 +231,8 @@ class _Walk:
 
     def _values(self, name: str, n: int, scale: float) -> torch.Tensor:
         v = bytes_to_values(b"".join(p.read(n) for p in self.planes), n, self.dcode)
-        if self.dcode in INT8_CODES:
-            v = v * scale  # the scale can make finite int8 codes infinite: check after it
+        if self.dcode in CODE_MAX:
+            v = v * scale  # the scale can make finite integer codes infinite: check after it
         if not torch.isfinite(v).all():
             raise CodecError(f"{name}: values hold NaN or Inf")
         if self.max_abs is not None and n and float(v.abs().max()) > self.max_abs:

@@ -16,6 +16,7 @@ import zstandard
 
 from fl_lota.vectors.fltv import (
     CHUNK,
+    CODE_MAX,
     FLAG_DENSE,
     HEADER,
     INT8_CODES,
@@ -32,6 +33,7 @@ from fl_lota.vectors.fltv import (
     CodecError,
     fingerprint_update,
     gap_codes,
+    nibble_planes,
     value_plane,
 )
 from fl_lota.vectors.task_vector import SparseTaskVector, SparseTensor
@@ -67,7 +69,9 @@ def encode_tensors(
     first in any tensor's layout or scale is a CodecError. Every stream is compressed as it
     is produced, ``CHUNK`` entries at a time: beside the compressed streams memory holds one
     tensor and one piece, so the vector need never be whole (``merge_tensors`` builds each
-    tensor of ``G + merge`` on demand)."""
+    tensor of ``G + merge`` on demand). int8 values are compressed in both their layouts
+    (one byte plane, two planes of nibbles) and the smaller is sent: until then both are
+    held, one compressed byte per value more at most."""
     if values not in VALUE_DTYPES:
         raise CodecError(f"unknown value dtype {values!r}; known: {sorted(VALUE_DTYPES)}")
     dcode = VALUE_DTYPES[values]
@@ -116,12 +120,13 @@ def encode_tensors(
         flat = t.values.detach().reshape(-1)
         for lo in range(0, flat.numel(), CHUNK):
             v = flat[lo : lo + CHUNK].float().cpu()
-            if dcode in INT8_CODES:
-                v = torch.round(v / scale).clamp_(-127, 127).to(torch.int8)
+            if dcode in CODE_MAX:
+                v = torch.round(v / scale).clamp_(-CODE_MAX[dcode], CODE_MAX[dcode]).to(torch.int8)
             for i, plane in enumerate(planes):
                 plane.add(value_plane(v, dcode, i))
-            for i, plane in enumerate(nibbles):
-                plane.add(value_plane(v, 3, i))
+            if nibbles:
+                for plane, data in zip(nibbles, nibble_planes(v), strict=True):
+                    plane.add(data)
     if seen != len(sizes) or again.digest() != fp.digest():
         raise CodecError("the tensors changed between encode_tensors' two passes")
     values = [x for plane in planes for x in plane.finish()]  # each stream lets go of its bytes
@@ -158,14 +163,14 @@ def _join(parts: list) -> bytes:
 
 def _check(name: str, t: SparseTensor, dcode: int, values_only: bool) -> float:
     """Check one tensor for encoding: finite values, positions (when sent) in range and
-    strictly increasing. Returns its int8 scale (1.0 for other dtypes)."""
+    strictly increasing. Returns its int8 or int4 scale (1.0 for other dtypes)."""
     v = t.values.detach()
     if not bool(torch.isfinite(v).all()):
         raise CodecError(f"{name}: values hold NaN or Inf")
     scale = 1.0
-    if dcode in INT8_CODES:
+    if dcode in CODE_MAX:
         amax = float(v.abs().max()) if v.numel() else 0.0
-        scale = amax / 127.0 if amax > 0 else 1.0
+        scale = amax / CODE_MAX[dcode] if amax > 0 else 1.0
     if t.indices is None or values_only:
         return scale
     idx = t.indices.cpu().numpy()

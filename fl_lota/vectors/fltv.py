@@ -17,7 +17,7 @@ Layout, version 1 (all integers little-endian):
     4      1     version = 1
     5      1     mode: 0 = indices + values, 1 = values only
     6      1     value dtype: 0 = float32, 1 = bfloat16, 2 = int8 + per-tensor f32 scale,
-                 3 = the same int8 in two planes of nibbles
+                 3 = the same int8 in two planes of nibbles, 4 = int4 (codes -7..7) + scale
     7      1     reserved, 0
     8      8     mask fingerprint: blake2b-64 of names, shapes and indices
     16     8     body length in bytes
@@ -28,8 +28,8 @@ Layout, version 1 (all integers little-endian):
                      u8 flags (bit 0: dense, no indices), u64 nnz, f32 scale
                    then streams, each u64 raw length, u64 compressed length, zstd frame:
                      mode 0 only: gap codes (u8 x sparse nnz), escaped gaps (u64 each)
-                     value planes: 4 (float32), 2 (bfloat16), 1 (int8) or 2 (int8 as nibbles),
-                     nnz bytes each
+                     value planes: 4 (float32), 2 (bfloat16), 1 (int8), 2 (int8 as nibbles)
+                     or 1 (int4: the zigzag code 0..14 in a byte), nnz bytes each
 
 int8 codes c in [-127, 127] go as one byte plane (dtype 2), or (dtype 3) as their zigzag
 z = (c << 1) ^ (c >> 7) (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...) split into a plane of high
@@ -37,8 +37,9 @@ nibbles (z >> 4) and one of low nibbles (z & 15); the encoder compresses both an
 smaller. zstd's entropy coder gives up on a byte stream whose 256 symbols are nearly equally
 likely (its heuristic: no symbol above 1/128 of the stream), which trained int8 values can
 be: on a 99%-sparse upload of SmolLM2 (7.7 bits of entropy) one plane stayed at 8.0 bits per
-value and the nibbles took 7.75. Where zstd does code the byte plane (a Gaussian: 6.7 bits)
-the one plane is smaller, the nibbles' two marginals costing more than their joint.
+value and the nibbles took 7.75. Where zstd does code the byte plane (a Gaussian)
+the one plane is smaller (6.8 against 6.9 bits), the nibbles' two marginals costing more
+than their joint. z = 255 (-128, never written) is read, as dtype 2 reads the byte 0x80.
 
 Every malformed input raises ``CodecError`` (a ``ValueError``) naming the problem.
 """
@@ -62,7 +63,9 @@ __all__ = [
     "Header",
     "MaskMismatchError",
     "VALUE_DTYPES",
+    "nibble_planes",
     "INT8_CODES",
+    "CODE_MAX",
     "index_entropy_bits",
     "index_entropy_bytes",
     "fingerprint_update",
@@ -74,10 +77,11 @@ MAGIC = b"FLTV"
 VERSION = 1
 HEADER = struct.Struct("<4sBBBB8sQ16s")  # 40 bytes
 MODE_FULL, MODE_VALUES_ONLY = 0, 1
-VALUE_DTYPES = {"float32": 0, "bf16": 1, "int8": 2}  # the name a run config gives -> its code
-DTYPE_NAMES = {0: "float32", 1: "bf16", 2: "int8", 3: "int8"}  # code -> name
+VALUE_DTYPES = {"float32": 0, "bf16": 1, "int8": 2, "int4": 4}  # a run config's name -> its code
+DTYPE_NAMES = {0: "float32", 1: "bf16", 2: "int8", 3: "int8", 4: "int4"}  # code -> name
 INT8_CODES = (2, 3)  # int8 in one byte plane, or in two planes of nibbles: the encoder picks
-PLANES = {0: 4, 1: 2, 2: 1, 3: 2}
+CODE_MAX = {2: 127, 3: 127, 4: 7}  # integer codes in [-max, max] times a per-tensor f32 scale
+PLANES = {0: 4, 1: 2, 2: 1, 3: 2, 4: 1}
 ESCAPE = 255
 MAX_NDIM = 8
 MAX_NUMEL = 1 << 40  # per tensor: far above any real weight matrix
@@ -186,13 +190,22 @@ def value_plane(values: torch.Tensor, dtype_code: int, plane: int) -> bytes:
         raw = v.numpy().astype("<f4", copy=False).view(np.uint8).reshape(-1, 4)
     elif dtype_code == 1:
         raw = v.to(torch.bfloat16).view(torch.int16).numpy().view("<u2").view(np.uint8).reshape(-1, 2)
-    elif dtype_code == 3:  # zigzag code, high nibble then low nibble
+    elif dtype_code == 3:
+        return nibble_planes(v)[plane]
+    elif dtype_code == 4:  # zigzag code 0..14, one per byte (zstd codes it near its entropy)
         c = v.numpy().astype(np.int16)
-        z = ((c << 1) ^ (c >> 15)).astype(np.uint8)
-        return (z >> 4 if plane == 0 else z & 15).tobytes()
+        return ((c << 1) ^ (c >> 15)).astype(np.uint8).tobytes()
     else:
         raw = v.numpy().view(np.uint8).reshape(-1, 1)
     return raw[:, plane].tobytes()
+
+
+def nibble_planes(codes: torch.Tensor) -> tuple[bytes, bytes]:
+    """Both planes of int8 ``codes`` as dtype 3 writes them: the zigzag code's high nibbles,
+    then its low nibbles (one pass over the codes for both)."""
+    c = codes.contiguous().numpy().astype(np.int16)
+    z = ((c << 1) ^ (c >> 15)).astype(np.uint8)  # 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
+    return (z >> 4).tobytes(), (z & 15).tobytes()
 
 
 def bytes_to_values(planes: bytes, n: int, dtype_code: int) -> torch.Tensor:
@@ -202,6 +215,11 @@ def bytes_to_values(planes: bytes, n: int, dtype_code: int) -> torch.Tensor:
         return torch.from_numpy(arr.view("<f4").reshape(-1).astype(np.float32, copy=False))
     if dtype_code == 1:
         return torch.from_numpy(arr.view("<i2").reshape(-1).copy()).view(torch.bfloat16).float()
+    if dtype_code == 4:
+        if n and int(arr.max()) > 14:
+            raise CodecError("an int4 value byte is above 14 (codes are -7..7)")
+        z = arr[:, 0].astype(np.int16)
+        return torch.from_numpy(((z >> 1) ^ -(z & 1)).astype(np.float32))
     if dtype_code == 3:
         if n and int(arr.max()) > 15:
             raise CodecError("an int8 value plane holds a byte above 15 (its bytes are nibbles)")
