@@ -129,6 +129,8 @@ def test_a_packed_tensor_reads_as_the_same_positions_and_values():
         assert b.values.dtype == a.values.dtype and torch.equal(b.values, a.values)
     assert p["zeros"].nnz == 36  # a held zero stays held
     assert isinstance(SparseTaskVector(p).stored("dense_enough"), PackedTensor)  # copying keeps the form
+    again = p.packed()  # packing a vector that holds packed tensors keeps them as they are
+    assert again.stored("dense_enough") is p.stored("dense_enough") and isinstance(again.stored("sparse"), SparseTensor)
     for x, y in ((p, tv), (tv, p), (p, p)):  # packed operands add bit for bit as unpacked ones
         got, want = x.add(y, scale=0.3), tv.add(tv, scale=0.3)
         assert all(

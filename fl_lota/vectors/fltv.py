@@ -184,17 +184,15 @@ def as_layout(mask) -> SparseTaskVector:
 
 def value_plane(values: torch.Tensor, dtype_code: int, plane: int) -> bytes:
     """Byte ``plane`` (little-endian byte order) of float32 ``values`` coded as
-    ``dtype_code`` (int8 values come already coded)."""
+    ``dtype_code`` (int8 and int4 values come already coded; dtype 3's two planes come from
+    ``nibble_planes``)."""
     v = values.contiguous()
     if dtype_code == 0:
         raw = v.numpy().astype("<f4", copy=False).view(np.uint8).reshape(-1, 4)
     elif dtype_code == 1:
         raw = v.to(torch.bfloat16).view(torch.int16).numpy().view("<u2").view(np.uint8).reshape(-1, 2)
-    elif dtype_code == 3:
-        return nibble_planes(v)[plane]
     elif dtype_code == 4:  # zigzag code 0..14, one per byte (zstd codes it near its entropy)
-        c = v.numpy().astype(np.int16)
-        return ((c << 1) ^ (c >> 15)).astype(np.uint8).tobytes()
+        return _zigzag(v).tobytes()
     else:
         raw = v.numpy().view(np.uint8).reshape(-1, 1)
     return raw[:, plane].tobytes()
@@ -203,9 +201,19 @@ def value_plane(values: torch.Tensor, dtype_code: int, plane: int) -> bytes:
 def nibble_planes(codes: torch.Tensor) -> tuple[bytes, bytes]:
     """Both planes of int8 ``codes`` as dtype 3 writes them: the zigzag code's high nibbles,
     then its low nibbles (one pass over the codes for both)."""
-    c = codes.contiguous().numpy().astype(np.int16)
-    z = ((c << 1) ^ (c >> 15)).astype(np.uint8)  # 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
+    z = _zigzag(codes)
     return (z >> 4).tobytes(), (z & 15).tobytes()
+
+
+def _zigzag(codes: torch.Tensor) -> np.ndarray:
+    """Integer codes (int8) as their zigzag bytes: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ..."""
+    c = codes.contiguous().numpy().astype(np.int16)
+    return ((c << 1) ^ (c >> 15)).astype(np.uint8)
+
+
+def _unzigzag(z: np.ndarray) -> torch.Tensor:
+    """Zigzag codes (int16, 0..255) back to their signed values, as float32."""
+    return torch.from_numpy(((z >> 1) ^ -(z & 1)).astype(np.float32))
 
 
 def bytes_to_values(planes: bytes, n: int, dtype_code: int) -> torch.Tensor:
@@ -218,13 +226,11 @@ def bytes_to_values(planes: bytes, n: int, dtype_code: int) -> torch.Tensor:
     if dtype_code == 4:
         if n and int(arr.max()) > 14:
             raise CodecError("an int4 value byte is above 14 (codes are -7..7)")
-        z = arr[:, 0].astype(np.int16)
-        return torch.from_numpy(((z >> 1) ^ -(z & 1)).astype(np.float32))
+        return _unzigzag(arr[:, 0].astype(np.int16))
     if dtype_code == 3:
         if n and int(arr.max()) > 15:
             raise CodecError("an int8 value plane holds a byte above 15 (its bytes are nibbles)")
-        z = (arr[:, 0].astype(np.int16) << 4) | arr[:, 1]
-        return torch.from_numpy(((z >> 1) ^ -(z & 1)).astype(np.float32))
+        return _unzigzag((arr[:, 0].astype(np.int16) << 4) | arr[:, 1])
     return torch.from_numpy(arr.view(np.int8).reshape(-1).astype(np.float32))
 
 

@@ -121,6 +121,11 @@ class SparseTensor:
 _PIECE = 1 << 23  # bits unpacked at a time (a multiple of 8)
 
 
+def _is_support(t: SparseTensor) -> bool:
+    """Whether ``t``'s values are one shared zero (a zero-stride view: ``support``)."""
+    return t.nnz > 1 and t.values.stride(0) == 0 and not bool(t.values[:1].any())
+
+
 @dataclass(frozen=True)
 class PackedTensor:
     """A sparse tensor held as its support's bitmap and dense values.
@@ -157,7 +162,7 @@ class PackedTensor:
         held = np.zeros(t.numel, dtype=bool)
         idx = t.flat_indices().cpu()
         held[idx.numpy()] = True
-        if t.nnz > 1 and t.values.stride(0) == 0 and not bool(t.values[:1].any()):  # a support: one shared zero
+        if _is_support(t):  # its one shared zero stays shared
             dense = t.values[:1].expand(t.numel)
         else:
             dense = torch.zeros(t.numel, dtype=t.values.dtype)
@@ -210,9 +215,10 @@ class SparseTaskVector(Mapping[str, SparseTensor]):
         """The same vector, each tensor packed where that is smaller (``PackedTensor.smaller``)."""
         out = {}
         for name, t in self._tensors.items():
-            shared = t.nnz > 1 and t.values.stride(0) == 0  # a support: its values cost nothing
             if isinstance(t, SparseTensor) and PackedTensor.smaller(
-                t.numel, t.nnz, 0 if shared else t.values.element_size()
+                t.numel,
+                t.nnz,
+                0 if _is_support(t) else t.values.element_size(),  # a support's values cost nothing
             ):
                 t = PackedTensor.pack(t)
             out[name] = t
