@@ -30,6 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fl_lota.federated.aggregator import RoundMerge
+from fl_lota.federated.files import write_atomic
 from fl_lota.federated.protocol import EvalReport, TrainReport
 from fl_lota.federated.runconfig import RunConfig
 from fl_lota.tasks import task_label
@@ -251,13 +252,7 @@ class RoundBook:
 
     def rewrite(self) -> None:
         """metrics.jsonl from ``rows`` (after a resume), replaced atomically."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in self.rows))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     # ---- printing -----------------------------------------------------------------
 

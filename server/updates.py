@@ -13,24 +13,18 @@ against them.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from fl_lota.federated.aggregator import Aggregator
 from fl_lota.federated.export import CLIENT_UPDATES
+from fl_lota.federated.files import write_atomic
 from fl_lota.federated.runconfig import RunConfig
 from fl_lota.vectors import codec
 
 from .book import RoundBook
 
 __all__ = ["finish", "spill"]
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _stem(pid: int | None, book: RoundBook, node: str) -> str:
@@ -45,8 +39,8 @@ def spill(out: Path, agg: Aggregator, book: RoundBook) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         stem = _stem(agg.partition_of(node), book, node)
         if not codec.peek(payload).values_only:
-            _write(folder / f".{stem}.mask.fltv", payload)
-        _write(folder / f".{stem}.fltv", payload)
+            write_atomic(folder / f".{stem}.mask.fltv", payload)
+        write_atomic(folder / f".{stem}.fltv", payload)
 
 
 def finish(out: Path, agg: Aggregator, cfg: RunConfig) -> list[str]:

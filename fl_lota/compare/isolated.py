@@ -19,7 +19,6 @@ such single-task updates (how TIES's k and lambda are chosen), never on test dat
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from fl_lota.compare.store import digest
 from fl_lota.federated.aggregator import Aggregator, Upload
+from fl_lota.federated.files import write_atomic
 from fl_lota.federated.node import LocalNode
 from fl_lota.federated.runconfig import RunConfig
 from fl_lota.merging.merge import merge
@@ -136,10 +136,7 @@ def isolated_unit(cfg: RunConfig, partition: int, task: Task, *, vector_path: Pa
     size and digest (``vector_path``: the update itself beside it) and the machine."""
     res = isolated_run(cfg, partition, task)
     if vector_path is not None:
-        vector_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = vector_path.with_suffix(f".tmp-{os.getpid()}")
-        tmp.write_bytes(res.payload)
-        os.replace(tmp, vector_path)
+        write_atomic(vector_path, res.payload)
     return {
         "scores": res.scores,
         "passes": res.passes,

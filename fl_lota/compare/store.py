@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from fl_lota.federated.files import write_atomic
 from fl_lota.federated.runconfig import RunConfig
 from fl_lota.tasks import Task
 
@@ -29,10 +29,7 @@ __all__ = [
 
 
 def write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def completed(stored: Mapping[str, object], current: Mapping[str, object]) -> dict[str, object]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from fl_lota.federated.downlink import encode_exact
+from fl_lota.federated.files import fsync_dir, fsync_file, write_atomic
 from fl_lota.vectors import codec
 from fl_lota.vectors.task_vector import SparseTaskVector
 
@@ -67,19 +68,6 @@ class Checkpoint:
     config: dict
     rng: object = None  # random.getstate(), as JSON
     extra: dict = field(default_factory=dict)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _to_json(obj):
@@ -127,17 +115,14 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint, *, keep: int = 1) -> P
     manifest = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+        fsync_file(f)
+    fsync_dir(tmp)
     final = folder / name
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    latest_tmp = folder / f".LATEST.tmp-{os.getpid()}"
-    latest_tmp.write_text(name + "\n")
-    _fsync_file(latest_tmp)
-    os.replace(latest_tmp, folder / "LATEST")
-    _fsync_dir(folder)
+    write_atomic(folder / "LATEST", name + "\n")
+    fsync_dir(folder)
     done = sorted(p for p in folder.iterdir() if _ROUND.match(p.name))
     for old in done[:-keep] if keep > 0 else []:
         if old != final:

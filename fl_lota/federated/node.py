@@ -18,7 +18,6 @@ The mask is kept by the caller (Flower's node state) as the first round's payloa
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import TypeVar
 
 import torch
 
+from fl_lota.federated.files import write_atomic
 from fl_lota.federated.protocol import EvalReport, TrainReport
 from fl_lota.federated.runconfig import RunConfig
 from fl_lota.tasks.evaluate import evaluate
@@ -122,13 +122,7 @@ class LocalNode:
         path = self._mask_path(run_tag)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, payload)
 
     # ---- model state -------------------------------------------------------------
 
