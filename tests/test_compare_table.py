@@ -10,7 +10,8 @@ import pytest
 from test_compare import TINY, _empty
 
 from fl_lota.compare import ComparePlan, Comparison, TuneSpec, write_comparison
-from fl_lota.compare.stats import mean_std, normalized, summarize
+from fl_lota.compare.stats import grid_edges, mean_std, normalized, summarize
+from fl_lota.compare.table import tuned_line
 from fl_lota.vectors import codec
 
 
@@ -132,6 +133,34 @@ def test_comparison_table_carries_labels_budget_tuned_values_and_intervals(tmp_p
     data = json.loads((tmp_path / "compare.json").read_text())
     assert data["summary"]["lota:mask_aware"]["normalized"]["mean"] == pytest.approx([0.75, 0.5])
     assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+def test_a_value_chosen_at_the_end_of_its_grid_is_flagged(tmp_path):
+    def rows(*settings):
+        return [{"setting": s, "val": {}, "mean": 0.0} for s in settings]
+
+    lr_rank = rows(*({"lr": lr, "lora-rank": r} for lr in (1e-4, 2e-4, 1e-3) for r in (8, 16)))
+    assert grid_edges(lr_rank, {"lr": 2e-4, "lora-rank": 16}) == {"lora-rank": "largest"}
+    assert grid_edges(lr_rank, {"lr": 1e-4, "lora-rank": 8}) == {"lr": "smallest", "lora-rank": "smallest"}
+    assert grid_edges(rows({"lr": 1e-4}), {"lr": 1e-4}) == {}  # one value tried: no grid to be at the end of
+    entry = {
+        "chosen": {"lr": 2.5e-5},
+        "candidates": rows({"lr": 2.5e-5}, {"lr": 5e-5}),
+        "merges": {
+            "ties": {"chosen": {"ties-k": 0.2}, "candidates": rows({"ties-k": 0.1}, {"ties-k": 0.2}, {"ties-k": 0.4})}
+        },
+    }
+    assert (
+        tuned_line("fft", entry)
+        == "tuned fft: lr=2.5e-05; at the edge of its grid: fft lr=2.5e-05 (the smallest tried)"
+    )
+    results = _results(tmp_path)
+    results["tuning"]["fft"] = entry
+    md = write_comparison(tmp_path, results).read_text()
+    assert "**Chosen at the edge of the grid** (a value past it might score higher): fft lr=2.5e-05 (the smallest" in md
+    entry["chosen"] = {"lr": 5e-5}
+    md = write_comparison(tmp_path, results).read_text()
+    assert "fft lr=5e-05 (the largest tried)" in md and "ties-k" not in md.split("## Tuning candidates")[0]
 
 
 def test_a_task_at_the_ceiling_is_named(tmp_path):

@@ -29,7 +29,7 @@ from fl_lota.compare.store import (
     unit_key,
     write_json,
 )
-from fl_lota.compare.table import setting_text, write_comparison
+from fl_lota.compare.table import setting_text, tuned_line, write_comparison
 from fl_lota.federated.launch import RunFailed, launch, stop_run
 from fl_lota.federated.report import read_rows
 from fl_lota.federated.runconfig import RESUME_MAY_CHANGE, RunConfig
@@ -161,7 +161,7 @@ class Comparison:
                 )
                 merge_chosen[(method, merge)] = entry["merges"][merge]["chosen"]
             self.results["tuning"][method] = entry
-            self._say(f"tuned {method}: {setting_text(chosen[method], 'configured values')}")
+            self._say(tuned_line(method, entry))
         return {"methods": chosen, "merges": merge_chosen}
 
     def _best(self, rows: list[dict], context: Mapping[str, object]) -> dict:

@@ -12,7 +12,15 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from fl_lota.federated.report import client_bytes
 
-__all__ = ["federation_stats", "final_scores", "mean_std", "normalized", "score_bytes_curves", "summarize"]
+__all__ = [
+    "federation_stats",
+    "final_scores",
+    "grid_edges",
+    "mean_std",
+    "normalized",
+    "score_bytes_curves",
+    "summarize",
+]
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
@@ -22,6 +30,20 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
     return statistics.fmean(vals), sd, len(vals)
+
+
+def grid_edges(rows: Sequence[Mapping], chosen: Mapping[str, object]) -> dict[str, str]:
+    """The chosen values that sit at an end of the values tried (a numeric key with two or
+    more), as ``key -> "smallest"`` or ``"largest"``: a value past that end might score
+    higher, so the table says so."""
+    out = {}
+    for key, value in chosen.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        tried = sorted({r["setting"].get(key) for r in rows if isinstance(r["setting"].get(key), int | float)})
+        if len(tried) >= 2 and value in (tried[0], tried[-1]):
+            out[key] = "smallest" if value == tried[0] else "largest"
+    return out
 
 
 def final_scores(rows: Sequence[dict], rounds: int, tasks: Sequence[str]) -> tuple[dict[str, float], str | None]:

@@ -16,9 +16,9 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from fl_lota.compare.stats import federation_stats, mean_std, score_bytes_curves, summarize
+from fl_lota.compare.stats import federation_stats, grid_edges, mean_std, score_bytes_curves, summarize
 
-__all__ = ["setting_text", "tables", "write_comparison"]
+__all__ = ["edge_notes", "setting_text", "tables", "tuned_line", "write_comparison"]
 
 MB = 1e6
 
@@ -43,6 +43,24 @@ def _mb_cell(values: Sequence[float]) -> str:
 def setting_text(setting: Mapping[str, object], empty: str = "configured") -> str:
     """``k=v, ...`` of a tuned setting; ``empty`` when nothing was tuned."""
     return ", ".join(f"{k}={v}" for k, v in setting.items()) or empty
+
+
+def edge_notes(method: str, entry: Mapping) -> list[str]:
+    """``method``'s tuned values (its own and its merges') that are the smallest or largest
+    of those tried, e.g. ``fft lr=2.5e-05 (the smallest tried)``."""
+    parts = [(method, entry)] + [(f"{method}+{m}", e) for m, e in entry.get("merges", {}).items()]
+    return [
+        f"{who} {key}={e['chosen'][key]} (the {end} tried)"
+        for who, e in parts
+        for key, end in grid_edges(e.get("candidates", []), e.get("chosen", {})).items()
+    ]
+
+
+def tuned_line(method: str, entry: Mapping) -> str:
+    """What the tuning chose for ``method`` (its ``results["tuning"]`` entry), for the log."""
+    edges = "; ".join(edge_notes(method, entry))
+    text = f"tuned {method}: {setting_text(entry.get('chosen', {}), 'configured values')}"
+    return text + (f"; at the edge of its grid: {edges}" if edges else "")
 
 
 def tables(results: Mapping) -> str:
@@ -96,6 +114,12 @@ def tables(results: Mapping) -> str:
             "models. Chosen values are in the tables; every candidate is listed at the end.",
             "",
         ]
+        edges = [n for method, entry in tuning.items() for n in edge_notes(method, entry)]
+        if edges:
+            lines += [
+                f"**Chosen at the edge of the grid** (a value past it might score higher): {'; '.join(edges)}.",
+                "",
+            ]
     else:
         lines += ["**No tuning**: every method ran at the configured values.", ""]
 
