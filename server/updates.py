@@ -39,8 +39,8 @@ def spill(out: Path, agg: Aggregator, book: RoundBook) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         stem = _stem(agg.partition_of(node), book, node)
         if not codec.peek(payload).values_only:
-            write_atomic(folder / f".{stem}.mask.fltv", payload)
-        write_atomic(folder / f".{stem}.fltv", payload)
+            write_atomic(folder / f".{stem}.mask.fltv", payload, durable=False)
+        write_atomic(folder / f".{stem}.fltv", payload, durable=False)  # no flush per round: up to GBs
 
 
 def finish(out: Path, agg: Aggregator, cfg: RunConfig) -> list[str]:

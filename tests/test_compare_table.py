@@ -136,31 +136,45 @@ def test_comparison_table_carries_labels_budget_tuned_values_and_intervals(tmp_p
 
 
 def test_a_value_chosen_at_the_end_of_its_grid_is_flagged(tmp_path):
-    def rows(*settings):
-        return [{"setting": s, "val": {}, "mean": 0.0} for s in settings]
+    def rows(*settings, means=None):
+        return [{"setting": s, "val": {}, "mean": (means or {}).get(i, 0.0)} for i, s in enumerate(settings)]
 
-    lr_rank = rows(*({"lr": lr, "lora-rank": r} for lr in (1e-4, 2e-4, 1e-3) for r in (8, 16)))
-    assert grid_edges(lr_rank, {"lr": 2e-4, "lora-rank": 16}) == {"lora-rank": "largest"}
-    assert grid_edges(lr_rank, {"lr": 1e-4, "lora-rank": 8}) == {"lr": "smallest", "lora-rank": "smallest"}
-    assert grid_edges(rows({"lr": 1e-4}), {"lr": 1e-4}) == {}  # one value tried: no grid to be at the end of
+    def edges(grid, chosen):  # ``chosen`` the one best candidate
+        return grid_edges([r | {"mean": float(r["setting"] == chosen)} for r in grid], chosen)
+
+    grid = rows(*({"lr": lr, "lora-rank": r} for lr in (1e-4, 2e-4, 1e-3) for r in (8, 16, 32)))
+    assert edges(grid, {"lr": 2e-4, "lora-rank": 32}) == {"lora-rank": "largest"}
+    assert edges(grid, {"lr": 1e-4, "lora-rank": 8}) == {"lr": "smallest", "lora-rank": "smallest"}
+    assert edges(grid, {"lr": 2e-4, "lora-rank": 16}) == {}
+    # of two values the chosen one is always at an end: that says nothing
+    assert edges(rows({"lr": 1e-4}, {"lr": 2e-4}), {"lr": 1e-4}) == {}
+    # a tie with a value inside the grid: the tie, not the grid, put the choice at the end
+    k = rows({"ties-k": 0.1}, {"ties-k": 0.2}, {"ties-k": 0.4}, means={0: 0.7, 1: 0.7, 2: 0.6})
+    assert grid_edges(k, {"ties-k": 0.1}) == {}
+    k[1]["mean"] = 0.5
+    assert grid_edges(k, {"ties-k": 0.1}) == {"ties-k": "smallest"}
+    assert edges(rows({"m": "a"}, {"m": "b"}, {"m": "c"}), {"m": "a"}) == {}  # not a number: no order
     entry = {
         "chosen": {"lr": 2.5e-5},
-        "candidates": rows({"lr": 2.5e-5}, {"lr": 5e-5}),
+        "candidates": rows({"lr": 2.5e-5}, {"lr": 5e-5}, {"lr": 1e-4}, means={0: 0.9}),
         "merges": {
-            "ties": {"chosen": {"ties-k": 0.2}, "candidates": rows({"ties-k": 0.1}, {"ties-k": 0.2}, {"ties-k": 0.4})}
+            "ties": {
+                "chosen": {"merge-lam": 1.4},
+                "candidates": rows({"merge-lam": 0.8}, {"merge-lam": 1.0}, {"merge-lam": 1.4}, means={2: 0.9}),
+            }
         },
     }
-    assert (
-        tuned_line("fft", entry)
-        == "tuned fft: lr=2.5e-05; at the edge of its grid: fft lr=2.5e-05 (the smallest tried)"
+    assert tuned_line("fft", entry) == (
+        "tuned fft: lr=2.5e-05; fft+ties: merge-lam=1.4 (at the edge of a grid: fft lr=2.5e-05 (the smallest "
+        "tried); fft+ties merge-lam=1.4 (the largest tried))"
     )
     results = _results(tmp_path)
     results["tuning"]["fft"] = entry
     md = write_comparison(tmp_path, results).read_text()
     assert "**Chosen at the edge of the grid** (a value past it might score higher): fft lr=2.5e-05 (the smallest" in md
-    entry["chosen"] = {"lr": 5e-5}
+    entry["chosen"], entry["merges"] = {"lr": 5e-5}, {}
     md = write_comparison(tmp_path, results).read_text()
-    assert "fft lr=5e-05 (the largest tried)" in md and "ties-k" not in md.split("## Tuning candidates")[0]
+    assert "Chosen at the edge" not in md
 
 
 def test_a_task_at_the_ceiling_is_named(tmp_path):

@@ -136,7 +136,7 @@ def isolated_unit(cfg: RunConfig, partition: int, task: Task, *, vector_path: Pa
     size and digest (``vector_path``: the update itself beside it) and the machine."""
     res = isolated_run(cfg, partition, task)
     if vector_path is not None:
-        write_atomic(vector_path, res.payload)
+        write_atomic(vector_path, res.payload, durable=False)  # digest-checked on reuse
     return {
         "scores": res.scores,
         "passes": res.passes,

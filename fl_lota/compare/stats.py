@@ -33,16 +33,23 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
 
 
 def grid_edges(rows: Sequence[Mapping], chosen: Mapping[str, object]) -> dict[str, str]:
-    """The chosen values that sit at an end of the values tried (a numeric key with two or
-    more), as ``key -> "smallest"`` or ``"largest"``: a value past that end might score
-    higher, so the table says so."""
+    """The chosen values that sit at an end of the values tried, as ``key -> "smallest"``
+    or ``"largest"``: a value past that end might score higher, so the table says so.
+    Only a numeric key with three or more values tried can say it (of two, the chosen one
+    is always at an end), and not when a candidate tied with the chosen one holds that
+    key inside the grid (the tie, not the grid, put the choice at the end)."""
+    best = [r for r in rows if r["setting"] == chosen]
+    top = best[0]["mean"] if best else None
     out = {}
     for key, value in chosen.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        tried = sorted({r["setting"].get(key) for r in rows if isinstance(r["setting"].get(key), int | float)})
-        if len(tried) >= 2 and value in (tried[0], tried[-1]):
-            out[key] = "smallest" if value == tried[0] else "largest"
+        tried = sorted({v for r in rows if isinstance(v := r["setting"].get(key), int | float)})
+        if len(tried) < 3 or value not in (tried[0], tried[-1]):
+            continue
+        if any(r["mean"] == top and r["setting"].get(key) not in (tried[0], tried[-1]) for r in rows):
+            continue
+        out[key] = "smallest" if value == tried[0] else "largest"
     return out
 
 

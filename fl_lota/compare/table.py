@@ -57,10 +57,13 @@ def edge_notes(method: str, entry: Mapping) -> list[str]:
 
 
 def tuned_line(method: str, entry: Mapping) -> str:
-    """What the tuning chose for ``method`` (its ``results["tuning"]`` entry), for the log."""
-    edges = "; ".join(edge_notes(method, entry))
+    """What the tuning chose for ``method`` (its ``results["tuning"]`` entry) and for its
+    merges, for the log, with the choices at the edge of their grids."""
     text = f"tuned {method}: {setting_text(entry.get('chosen', {}), 'configured values')}"
-    return text + (f"; at the edge of its grid: {edges}" if edges else "")
+    for merge, e in entry.get("merges", {}).items():
+        text += f"; {method}+{merge}: {setting_text(e.get('chosen', {}))}"
+    edges = "; ".join(edge_notes(method, entry))
+    return text + (f" (at the edge of a grid: {edges})" if edges else "")
 
 
 def tables(results: Mapping) -> str:

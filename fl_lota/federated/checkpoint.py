@@ -121,8 +121,7 @@ def save_checkpoint(folder: str | Path, ckpt: Checkpoint, *, keep: int = 1) -> P
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    write_atomic(folder / "LATEST", name + "\n")
-    fsync_dir(folder)
+    write_atomic(folder / "LATEST", name + "\n")  # fsyncs the folder: the round's rename too
     done = sorted(p for p in folder.iterdir() if _ROUND.match(p.name))
     for old in done[:-keep] if keep > 0 else []:
         if old != final:
