@@ -37,11 +37,11 @@ __all__ = [
 DEFAULT_GRID = "lota:mask_aware,ties fft:fedavg,ties lora:fedavg"
 # widened while bench/federation.py's comparison tuned (README): its first pass chose FFT's
 # and LoRA's smallest rate, LoRA's largest rank and FFT+TIES's largest lambda, so each grid
-# goes past that end (FFT's and TIES's twice: FFT's 1.25e-5 and FFT+TIES's k=0.1,
-# lambda=2.0 won at the end again)
+# goes past that end (FFT's, TIES's and LoRA's rank twice: FFT's 1.25e-5, FFT+TIES's k=0.1,
+# lambda=2.0 and LoRA's rank 32 won at the end again)
 DEFAULT_TUNE = (
     "lota.sparse-lr=5e-5,1e-4,2e-4 fft.lr=6.25e-6,1.25e-5,2.5e-5,5e-5,1e-4 lora.lr=1e-4,2e-4,1e-3 "
-    "lora.lora-rank=8,16,32 ties.ties-k=0.05,0.1,0.2,0.4 ties.merge-lam=0.8,1.0,1.4,2.0,3.0"
+    "lora.lora-rank=8,16,32,64 ties.ties-k=0.05,0.1,0.2,0.4 ties.merge-lam=0.8,1.0,1.4,2.0,3.0"
 )
 # per merge, the run-config keys that are its parameters (what a merge grid may name)
 MERGE_KEYS = {"ties": ("ties-k", "merge-lam"), "task_arithmetic": ("merge-lam",), "mask_aware": ("merge-lam",)}
