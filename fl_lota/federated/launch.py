@@ -151,6 +151,10 @@ def _env(flwr_home: str | Path | None) -> dict[str, str]:
     its own state folder and its own ports (Flower's local SuperLink otherwise listens on
     fixed ports, so a run would go to whichever SuperLink already holds them)."""
     env = dict(os.environ)
+    # flwr starts flower-superlink (and the SuperLink its own processes) by name from PATH:
+    # the flwr used here comes first, so a venv's fl-lota called without activating the
+    # venv does not fail with "No such file or directory: 'flower-superlink'"
+    env["PATH"] = os.pathsep.join(p for p in (str(Path(_flwr()[0]).parent), env.get("PATH")) if p)
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if flwr_home is not None:
