@@ -79,6 +79,20 @@ def test_a_shared_prefix_runs_once_and_changes_no_reply():
     assert got == want
 
 
+def test_the_shared_prefix_cache_is_handed_to_generate_under_its_current_name():
+    """No deprecation warning from generate: on transformers 5.24+ the prefix's KV cache goes
+    in as ``cache``, before that as ``past_key_values`` (the only name it knew)."""
+    import warnings
+
+    model, tok = load("tiny")
+    prompts = ["Reverse the list: a, b", "Reverse the list: c, d, e, f"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with forwards(model) as calls:
+            generate(model, tok, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    assert calls[0][0] == 1  # the shared-prefix path ran (its prefix is one row)
+
+
 def test_a_model_with_its_own_cache_goes_the_plain_way():
     """A model whose generation config names its own cache (static, hybrid) refuses one
     passed in: it is generated with left padding, whole rows, and gives the same replies."""

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation import utils as generation_utils
 
 from fl_lota.tasks.base import Sample, Task
 from fl_lota.tasks.prompting import format_prompt
@@ -63,6 +64,10 @@ def generate(
 # a shared prefix shorter than this is prefilled with each row (its own forward is not worth it)
 MIN_SHARED_PREFIX = 8
 
+# generate's keyword for a cache handed in: transformers 5.24 renamed past_key_values to
+# cache (the old name warns until 6.0); earlier versions know only the old name
+CACHE_KWARG = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
 
 def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
     """How many leading tokens every row shares, leaving each row at least one of its own
@@ -111,7 +116,7 @@ def _greedy(
     gen = model.generate(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **{CACHE_KWARG: cache},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         use_cache=True,
