@@ -48,10 +48,25 @@ def mean_loss(model, examples, pad_id: int = PAD) -> float:
     return float(model(**batch).loss)
 
 
-@pytest.fixture(scope="module")
-def flwr_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flwr-home")
-    yield home
+def _superlink_home(home):
+    """A Flower home whose local SuperLink (started by the first ``flwr run`` on it) is
+    stopped when the fixture ends."""
     from fl_lota.federated.launch import stop_local_superlink
 
-    stop_local_superlink(home)
+    try:
+        yield home
+    finally:
+        stop_local_superlink(home)
+
+
+@pytest.fixture(scope="module")
+def flwr_home(tmp_path_factory):
+    """One Flower home (and SuperLink) shared by a module's runs."""
+    yield from _superlink_home(tmp_path_factory.mktemp("flwr-home"))
+
+
+@pytest.fixture
+def own_flwr_home(tmp_path):
+    """A Flower home of this test alone: a SuperLink the test itself starts, with the
+    environment it sets (a shared one may already run with another)."""
+    yield from _superlink_home(tmp_path / "flwr-home")

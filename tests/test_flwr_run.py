@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("flwr")
 
 from fl_lota.cli import main as cli_main
-from fl_lota.federated.launch import RunFailed, launch, stop_local_superlink
+from fl_lota.federated.launch import RunFailed, launch
 from fl_lota.federated.report import read_rows
 from fl_lota.training.data import client_stream_seed, stream_order
 
@@ -106,53 +106,49 @@ def test_a_failed_run_is_reported_with_flowers_reason(flwr_home, tmp_path, capsy
 
 
 def test_compare_runs_each_merge_as_its_own_federation_and_resumes_with_the_venv_not_on_path(
-    tmp_path, capsys, monkeypatch
+    own_flwr_home, tmp_path, capsys, monkeypatch
 ):
     # fl-lota called from a venv that is not activated (its bin folder not on PATH): flwr
     # must still find flower-superlink, which it starts by name. A SuperLink of its own (the
     # module's may already run, and then nothing would be started)
-    flwr_home = tmp_path / "flwr-home"
     monkeypatch.setenv("PATH", os.defpath)
-    try:
-        out = tmp_path / "cmp"
-        argv = ["compare", "--app", str(APP), "--conf", str(TINY), "--grid", "lota:mask_aware,ties fft:fedavg"]
-        argv += ["--no-tune", "--no-estimate", "--out", str(out), "--flwr-home", str(flwr_home)]
-        # what a crash after round 1 leaves behind: checkpoints, no finished record
-        assert cli_main([*argv, "--seeds", "1", "--set", "num-server-rounds=1"]) == 0
-        first = read_rows(out / "runs" / "seed0" / "lota-mask_aware" / "metrics.jsonl")
-        capsys.readouterr()
-        assert cli_main([*argv, "--seeds", "2"]) == 0
-        log = capsys.readouterr().out
-        assert log.count("resuming from its checkpoint") == 3 and log.count("flwr run ->") == 6
-        rows = read_rows(out / "runs" / "seed0" / "lota-mask_aware" / "metrics.jsonl")
-        assert [r["round"] for r in rows] == [1, 2] and _comparable(rows[:1]) == _comparable(first)
-        assert all(c["values_only"] for c in rows[1]["clients"])  # the clients kept their masks across the cut
-        for seed in (0, 1):
-            for run, merge in (("lota-mask_aware", "mask_aware"), ("lota-ties", "ties"), ("fft-fedavg", "fedavg")):
-                cfg = json.loads((out / "runs" / f"seed{seed}" / run / "config.json").read_text())
-                assert (cfg["merge"], cfg["eval_merges"], cfg["seed"]) == (merge, "", seed)  # its own federation
-                r = read_rows(out / "runs" / f"seed{seed}" / run / "metrics.jsonl")[-1]
-                assert list(r["scores"]) == [merge] and r["remerged"] == []
-            for method in ("lota", "fft"):
-                for task in ("0-math", "1-classify"):
-                    assert (out / "reference" / f"seed{seed}" / method / f"{task}.json").is_file()
-        data = json.loads((out / "compare.json").read_text())
-        assert set(data["summary"]) == {"lota:mask_aware", "lota:ties", "fft:fedavg"}
-        assert all(e["seeds"] == ["0", "1"] for e in data["summary"].values())
-        md = (out / "compare.md").read_text()
-        assert "| lota | ties |" in md and "each method x merge is its own federation" in md
-        # a third call finds everything done
-        assert cli_main([*argv, "--seeds", "2"]) == 0
-        log = capsys.readouterr().out
-        assert "flwr run ->" not in log and log.count("stored run reused") == 6
-    finally:
-        stop_local_superlink(flwr_home)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--app", str(APP), "--conf", str(TINY), "--grid", "lota:mask_aware,ties fft:fedavg"]
+    argv += ["--no-tune", "--no-estimate", "--out", str(out), "--flwr-home", str(own_flwr_home)]
+    # what a crash after round 1 leaves behind: checkpoints, no finished record
+    assert cli_main([*argv, "--seeds", "1", "--set", "num-server-rounds=1"]) == 0
+    first = read_rows(out / "runs" / "seed0" / "lota-mask_aware" / "metrics.jsonl")
+    capsys.readouterr()
+    assert cli_main([*argv, "--seeds", "2"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("resuming from its checkpoint") == 3 and log.count("flwr run ->") == 6
+    rows = read_rows(out / "runs" / "seed0" / "lota-mask_aware" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2] and _comparable(rows[:1]) == _comparable(first)
+    assert all(c["values_only"] for c in rows[1]["clients"])  # the clients kept their masks across the cut
+    for seed in (0, 1):
+        for run, merge in (("lota-mask_aware", "mask_aware"), ("lota-ties", "ties"), ("fft-fedavg", "fedavg")):
+            cfg = json.loads((out / "runs" / f"seed{seed}" / run / "config.json").read_text())
+            assert (cfg["merge"], cfg["eval_merges"], cfg["seed"]) == (merge, "", seed)  # its own federation
+            r = read_rows(out / "runs" / f"seed{seed}" / run / "metrics.jsonl")[-1]
+            assert list(r["scores"]) == [merge] and r["remerged"] == []
+        for method in ("lota", "fft"):
+            for task in ("0-math", "1-classify"):
+                assert (out / "reference" / f"seed{seed}" / method / f"{task}.json").is_file()
+    data = json.loads((out / "compare.json").read_text())
+    assert set(data["summary"]) == {"lota:mask_aware", "lota:ties", "fft:fedavg"}
+    assert all(e["seeds"] == ["0", "1"] for e in data["summary"].values())
+    md = (out / "compare.md").read_text()
+    assert "| lota | ties |" in md and "each method x merge is its own federation" in md
+    # a third call finds everything done
+    assert cli_main([*argv, "--seeds", "2"]) == 0
+    log = capsys.readouterr().out
+    assert "flwr run ->" not in log and log.count("stored run reused") == 6
 
 
-def test_default_model_from_an_empty_cache_through_the_readme_command(tmp_path, monkeypatch):
+def test_default_model_from_an_empty_cache_through_the_readme_command(own_flwr_home, tmp_path, monkeypatch):
     """The README's first command on a fresh machine: the embedded model is converted by
     the apps themselves (the ServerApp builds its shapes from it), and the run completes."""
-    cache, home, out = tmp_path / "model-cache", tmp_path / "flwr-home", tmp_path / "results"
+    cache, out = tmp_path / "model-cache", tmp_path / "results"
     monkeypatch.setenv("FL_LOTA_CACHE", str(cache))
     sets = {
         "federation": "math,classify",
@@ -166,12 +162,9 @@ def test_default_model_from_an_empty_cache_through_the_readme_command(tmp_path, 
         "eval-base": "false",
         "results-dir": str(out),
     }
-    try:
-        rc = cli_main(
-            ["run", "--app", str(APP), "--flwr-home", str(home), *(f"--set={k}={v}" for k, v in sets.items())]
-        )
-    finally:
-        stop_local_superlink(home)
+    rc = cli_main(
+        ["run", "--app", str(APP), "--flwr-home", str(own_flwr_home), *(f"--set={k}={v}" for k, v in sets.items())]
+    )
     assert rc == 0
     assert (cache / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
     (row,) = read_rows(out / "metrics.jsonl")
