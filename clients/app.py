@@ -13,6 +13,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import fl_lota.preload  # noqa: F401  (first: the model libraries in one thread at a time)
 from fl_lota.federated.console import quiet_libraries
 from fl_lota.federated.downlink import held_from, receive, to_keep
 from fl_lota.federated.node import LocalNode

@@ -24,6 +24,7 @@ from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+import fl_lota.preload  # noqa: F401  (first: the model libraries in one thread at a time)
 from fl_lota.federated import reaper, report
 from fl_lota.federated.checkpoint import load_checkpoint
 from fl_lota.federated.precheck import check_run

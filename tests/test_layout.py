@@ -1,10 +1,12 @@
 """The library's layout: layers import only the layers below them, the library never
-imports flwr, the Flower apps never import each other, and no module (library, apps, tests,
-benches) grows past 400 lines."""
+imports flwr, the Flower apps never import each other and import the model libraries first
+through one module, and no module of the library or the apps grows past 400 lines."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,25 @@ def test_the_flower_apps_do_not_import_each_other():
 )
 def test_no_module_is_over_400_lines(path):
     assert len(path.read_text().splitlines()) <= 400
+
+
+def test_both_flower_apps_import_the_model_libraries_first_through_one_module():
+    """Flower's simulation imports the ServerApp in a thread while its main thread imports the
+    ClientApp; accelerate's circular imports fail when two threads import it at once. Both apps
+    import fl_lota.preload before any other module of ours, and it imports the transformers code
+    that pulls in accelerate, so the second app waits on its import lock."""
+    ours = ("fl_lota", "wire", "clients", "server")
+    for app in ("clients/app.py", "server/app.py"):
+        first = next(n for n in _imports(ROOT / app) if n.split(".")[0] in ours)
+        assert first == "fl_lota.preload", (app, first)
+    preload = _imports(ROOT / "fl_lota" / "preload.py")
+    assert {"transformers.generation.utils", "transformers.modeling_utils"} <= set(preload)
+
+
+def test_nothing_the_apps_import_before_the_preload_imports_transformers_or_accelerate():
+    code = (
+        "import sys, fl_lota, wire, flwr.app, flwr.clientapp, flwr.serverapp, flwr.common; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'accelerate', 'peft')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:500]
