@@ -18,10 +18,11 @@ from fl_lota.federated.downlink import (
     held_from,
     overwrite,
     receive,
+    rounded,
     same_support,
     to_keep,
 )
-from fl_lota.federated.protocol import GlobalRef, ProtocolError
+from fl_lota.federated.protocol import EMPTY, GlobalRef, ProtocolError
 from fl_lota.vectors import codec
 from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor
 
@@ -316,3 +317,83 @@ def test_changes_between_packed_updates_are_those_between_unpacked_ones_and_leav
     rebuilt = overwrite(p_old, change(p_old, p_new))
     assert digest(rebuilt) == digest(new)
     assert all(torch.equal(p_old[k].values, v) for k, v in before.items())  # float32, packed: not written into
+
+
+def _lota_changes(gen: torch.Generator, rounds: int) -> list[SparseTaskVector]:
+    """Each round's merge as LoTA makes it: round 1 makes the support, later rounds change
+    every value on it (fixed masks)."""
+    first = _random_update(gen, 0.2)
+    return [first] + [first.with_values({n: 0.1 * torch.randn(t.nnz, generator=gen) for n, t in first.items()})] * (
+        rounds - 1
+    )
+
+
+@pytest.mark.parametrize("values", ["int8", "int4"])
+def test_a_rounding_downlink_sends_the_rounded_change_and_every_client_ends_with_the_servers_update(values):
+    """downlink-values int8/int4: G is the held G plus the round's merge rounded. A client
+    that holds the version before (round 1: the empty G its training message brought) gets
+    the rounded change (codes; no indices once the support is fixed); a client that missed
+    rounds, or holds nothing, gets that same G exactly; all end with the server's G bit for
+    bit, within half a code step of the exact sum per round."""
+    gen = torch.Generator().manual_seed(11)
+    server = Downlink("bf16")
+    every, late, missed = _Client(), _Client(), _Client()
+    for c in (every, missed):  # round 1's training message: the empty G
+        c.take(server.for_node(str(id(c))))
+        server.confirm(str(id(c)))
+    g = SparseTaskVector()
+    for rnd, merged in enumerate(_lota_changes(gen, 4)):
+        g_before = g
+        g, step = rounded(g, merged, values)
+        server.publish(g, encode_exact(g, "bf16"), step)
+        sent = server.for_node(str(id(every)))
+        assert sent.mode == ("add" if rnd == 0 else "add-values") and sent.payload is step.payload
+        assert codec.peek(sent.payload).value_dtype == values
+        assert codec.peek(sent.payload).values_only == (rnd > 0)
+        every.take(sent)
+        server.confirm(str(id(every)))
+        assert every.d == server.digest == digest(g) and _same(every.g, g)
+        code_max = {"int8": 127, "int4": 7}[values]
+        want = canonical(g_before).add(merged)
+        for name, t in canonical(g).items():
+            err = (t.values.float() - want[name].values.float()).abs().max()
+            assert err <= merged[name].values.abs().max() / code_max / 2 * (1 + 1e-5) + 1e-6
+        assert any(not torch.equal(t.values.float(), want[n].values.float()) for n, t in canonical(g).items())
+        if rnd == 0:  # round 1 only: "missed" sits out the later rounds
+            missed.take(server.for_node(str(id(missed))))
+            server.confirm(str(id(missed)))
+    sent = server.for_node(str(id(missed)))  # holds round 1's G: an exact change to the rounded G
+    assert sent.mode in ("entries", "values")  # exact: the step is from the version before the last
+    missed.take(sent)
+    sent = server.for_node("late")  # holds nothing: the rounded G whole, exactly
+    assert sent.mode == "entries" and sent.base == EMPTY
+    late.take(sent)
+    for c in (late, missed):
+        assert _same(c.g, every.g) and c.d == every.d
+    # a rounded change is smaller than G's exact values on the same support
+    exact_values = encode_exact(g, "bf16", values_only=True)
+    assert len(server.for_node(str(id(every))).payload) < 256  # holds the current version: a header, no values
+    assert len(step.payload) < (0.6 if values == "int8" else 0.35) * len(exact_values)
+
+
+def test_a_rounded_change_applies_only_onto_the_version_it_is_from():
+    gen = torch.Generator().manual_seed(12)
+    c1, c2 = _lota_changes(gen, 2)
+    g1_exact = c1
+    g1, step1 = rounded(SparseTaskVector(), c1, "int4")
+    g2, step2 = rounded(g1, c2, "int4")
+    server = Downlink("bf16")
+    server.publish(g1, None, step1)
+    with pytest.raises(DownlinkError, match="published onto"):
+        server.publish(g2, None, step1)  # a step from another version
+    # a client holding another version than the step's base (the exact G1, not the rounded
+    # one the step adds to) is refused, never misled
+    ref = GlobalRef(step2.base, digest(g2), step2.mode)
+    with pytest.raises(DownlinkError, match="lost its state"):
+        receive(g1_exact, digest(g1_exact), step2.payload, ref)
+    # the rounded change added to another G that claims the base's digest: the digest check refuses it
+    with pytest.raises(DownlinkError, match="does not match"):
+        receive(g1_exact, step2.base, step2.payload, ref)
+    assert receive(g1, step2.base, step2.payload, ref)[1] == digest(g2)
+    with pytest.raises(DownlinkError, match="g-mode"):
+        receive(None, None, step2.payload, GlobalRef(EMPTY, digest(g2), "add-values"))

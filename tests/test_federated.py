@@ -383,3 +383,33 @@ def test_the_server_holds_g_packed_where_the_clients_masks_make_it_dense():
     agg.aggregate(nxt)
     for n in shapes:
         assert torch.equal(agg.global_tv[n].values.float(), want[n].values.to(torch.bfloat16).float())
+
+
+def test_a_rounding_downlink_makes_g_the_held_g_plus_the_rounded_change_and_restores_it_exactly():
+    """downlink-values=int4: each round's G is the one before plus the merge's change rounded
+    to int4 codes (what the clients rebuild from the step), close to the exact merge but not
+    equal to it; a checkpoint of it restores bit for bit."""
+    from fl_lota.federated.downlink import added, digest
+
+    exact, lossy = Aggregator(RunConfig(values="bf16")), Aggregator(RunConfig(values="bf16", downlink_values="int4"))
+    masks = [sparse_tv(0, 0.3), sparse_tv(1, 0.3)]
+    for rnd in range(2):
+        ups = [m.with_values({n: torch.randn(t.nnz) * (rnd + 1) for n, t in m.items()}) for m in masks]
+        held = lossy.global_tv
+        for agg in (exact, lossy):
+            agg.aggregate([Upload(str(i), codec.encode(u), 1) for i, u in enumerate(ups)])
+        step = lossy.step
+        assert step.base == digest(held)  # round 1: the empty G the training messages brought
+        assert codec.peek(step.payload).value_dtype == "int4"
+        assert digest(added(held, step.payload, step.mode)) == digest(lossy.global_tv)
+        # the exact merge onto the rounded G before, against the rounded G: within half a code step
+        merged = merge("mask_aware", [codec.decode(codec.encode(u)) for u in ups], [1, 1])
+        want = held.add(merged)
+        for n in want:
+            err = (lossy.global_tv[n].values.float() - want[n].values.float()).abs().max()
+            assert 0 < err <= merged[n].values.abs().max() / 7 / 2 * (1 + 1e-5) + 1e-6
+        assert exact.step is None
+    assert not torch.equal(lossy.global_tv["a"].values.float(), exact.global_tv["a"].values.float())
+    restored = Aggregator(RunConfig(values="bf16", downlink_values="int4"))
+    restored.restore(codec.decode(codec.encode(lossy.global_tv, values="float32")), lossy.masks, {})
+    assert digest(restored.global_tv) == digest(lossy.global_tv)

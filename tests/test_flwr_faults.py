@@ -38,10 +38,18 @@ def test_a_client_failing_mid_run_does_not_stop_the_run(flwr_home, tmp_path):
     assert all(c["values_only"] for c in r3["clients"])
 
 
-def test_an_interrupted_run_resumes_to_the_same_result(flwr_home, tmp_path):
+@pytest.mark.parametrize("downlink", ["exact", "int4"])
+def test_an_interrupted_run_resumes_to_the_same_result(flwr_home, tmp_path, downlink):
+    """int4: a rounding downlink (G plus each round's change rounded): the clients' G, the
+    checkpoint's and the resumed server's are the same bits, so the resumed run ends where
+    the uninterrupted one does."""
     from fl_lota.vectors.task_vector import SparseTaskVector
 
-    base = {"num-server-rounds": 3, "client-state-dir": str(tmp_path / "client-state")}
+    base = {
+        "num-server-rounds": 3,
+        "client-state-dir": str(tmp_path / "client-state"),
+        "downlink-values": downlink,
+    }
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     launch(
         APP, config_file=TINY, run_config=base | {"results-dir": str(whole)}, federation_config=FED, flwr_home=flwr_home
@@ -66,6 +74,13 @@ def test_an_interrupted_run_resumes_to_the_same_result(flwr_home, tmp_path):
     # the nodes hold G from round 2's evaluation and are sent only that nothing changed
     assert min(b[2]["downlink_by_node"].values()) > 20 * max(a[2]["downlink_by_node"].values())
     assert max(a[2]["downlink_by_node"].values()) < 1000
+    if downlink == "int4":  # G's rounded change (training + evaluation messages): under twice each uplink
+        for row in a:
+            up = {c["node"]: c["message_bytes"] for c in row["clients"]}
+            down = {c["node"]: c["downlink_bytes"] for c in row["clients"]}
+            for c in row["eval_clients"]:
+                down[c["node"]] += c["downlink_bytes"]
+            assert up and all(down[n] < 2 * up[n] for n in up), (row["round"], up, down)
     ga = SparseTaskVector.load(whole / "global_update.safetensors")
     gb = SparseTaskVector.load(cut / "global_update.safetensors")
     assert list(ga) == list(gb) and all(torch.equal(ga[n].values, gb[n].values) for n in ga)

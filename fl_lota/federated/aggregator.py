@@ -7,7 +7,9 @@ values-only uploads are decoded. ``G`` is kept exactly as clients decode it from
 (``decode(encode(G))``), so server and clients hold bit-identical global weights; bf16
 values are held as bfloat16 (exact), indices as int32, and a tensor where ``G`` is dense
 enough is packed (a bit per entry and dense values: ``PackedTensor``), so ``G``'s memory
-stops growing with the union of the clients' masks.
+stops growing with the union of the clients' masks. With a rounding downlink
+(``downlink-values`` int8 or int4), ``G`` is the held ``G`` plus the round's change rounded
+(``fl_lota.federated.downlink.rounded``): what the clients rebuild, bit for bit.
 
 Masks and partitions are bound to the sender's identity (Flower's node id; on the
 deployment engine with SuperNode authentication, an authenticated key): the first node to
@@ -32,9 +34,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fl_lota.federated.downlink import Step, encode_exact, rounded
 from fl_lota.federated.protocol import TrainReport
 from fl_lota.federated.runconfig import RunConfig
-from fl_lota.merging.merge import merge_tensors
+from fl_lota.merging.merge import merge, merge_tensors
 from fl_lota.vectors import codec, lowrank
 from fl_lota.vectors.task_vector import SparseTaskVector
 
@@ -119,13 +122,15 @@ class Aggregator:
         self.former: dict[int, str] = {}  # partition -> the owner it was taken over from
         self.resend_mask: set[str] = set()  # nodes to ask for a full upload (no mask matched)
         self.last: dict[str, bytes] = {}  # node -> its upload accepted this round (the payload as sent)
+        self.step: Step | None = None  # downlink-values int8/int4: this round's rounded change of G
 
     def restore(
         self, global_tv: SparseTaskVector, masks: Mapping[str, SparseTaskVector], owners: Mapping[int, str]
     ) -> None:
         """State from a checkpoint: ``G`` as the clients decoded it, the masks and who owns
         each partition (a node id that is gone is taken over by the next node reporting it)."""
-        self.global_payload = codec.encode(global_tv, values=self.cfg.values)
+        # exactly: G's values are those of the run's dtype, or sums a rounding downlink made
+        self.global_payload = encode_exact(global_tv, self.cfg.values)
         self.global_tv = codec.decode(self.global_payload, native=True, pack=True)
         self.masks = {k: m.support() for k, m in masks.items()}
         self.owners = {int(p): str(n) for p, n in owners.items()}
@@ -284,7 +289,7 @@ class Aggregator:
             accepted.append(up.client)
         decode_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.candidates = {}
+        self.candidates, self.step = {}, None
         too_few = len(vectors) < max(1, self.cfg.min_replies)
         if too_few:  # keep the global model as it is
             vectors, weights = [], []
@@ -292,9 +297,17 @@ class Aggregator:
         if vectors:
             try:
                 for name in self.cfg.merges:
+                    params = self.cfg.merge_params(name)
+                    if name == self.cfg.merge and self.cfg.downlink_values != "exact":
+                        # a rounding downlink: G plus the merge rounded (fl_lota.federated.downlink)
+                        change = merge(name, vectors, weights, **params)
+                        g, self.step = rounded(self.global_tv, change, self.cfg.downlink_values)
+                        self.candidates[name] = encode_exact(g, self.cfg.values)
+                        del change, g
+                        continue
                     # G + merge, each tensor built as the encoder reaches it (twice: sizes,
                     # then streams) and dropped once encoded: the sum is never held whole
-                    tensors = merge_tensors(name, vectors, weights, onto=self.global_tv, **self.cfg.merge_params(name))
+                    tensors = merge_tensors(name, vectors, weights, onto=self.global_tv, **params)
                     self.candidates[name] = codec.encode_tensors(tensors, values=self.cfg.values)
                     del tensors
                 del vectors[:]  # the decoded uploads are not needed any more
@@ -303,7 +316,7 @@ class Aggregator:
                 # accepted uploads are bounded, so this is not expected; if it happens the
                 # round leaves G as it was rather than stopping the run or storing garbage
                 merge_error = f"{type(e).__name__}: {e}"
-                self.candidates = {}
+                self.candidates, self.step = {}, None
             else:
                 self.global_payload, self.global_tv = self.candidates[self.cfg.merge], new_tv
         if not self.candidates:

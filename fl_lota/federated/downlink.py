@@ -18,7 +18,11 @@ The server side is ``Downlink``: ``G``'s versions, the version each node holds (
 confirms it), and the payload for a node: the smallest of the values-only change, the
 indexed change and the whole. Values travel in the run's value dtype when that is exact for
 the values ``G`` holds (``G``'s values were decoded from that dtype), else in float32; a
-change never rounds anything.
+change never rounds anything, but when the run asks (``downlink-values=int8|int4``,
+``rounded``): the server rounds each round's change of ``G`` to codes times a per-tensor
+scale, and ``G`` becomes the held ``G`` plus it, summed by server and clients with one
+function (``added``), so both hold the same bits (the digest checks). A client holding the
+version before gets the rounded change (``mode`` "add", "add-values"), any other ``G`` exactly.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ from fl_lota.vectors.fltv import hash_pieces
 from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor
 
 __all__ = [
+    "DOWNLINK_VALUES",
     "Downlink",
     "DownlinkError",
     "Sent",
+    "Step",
+    "added",
     "canonical",
     "change",
     "digest",
@@ -45,8 +52,12 @@ __all__ = [
     "held_from",
     "overwrite",
     "receive",
+    "rounded",
     "to_keep",
 ]
+
+DOWNLINK_VALUES = ("exact", "int8", "int4")  # run config downlink-values: G as merged, or its change rounded
+ADD_MODES = ("add", "add-values")  # a rounded change added to the held G: indexed, or values on its support
 
 
 class DownlinkError(ValueError):
@@ -182,6 +193,41 @@ def encode_exact(tv: SparseTaskVector, values: str, *, values_only: bool = False
 
 
 @dataclass(frozen=True)
+class Step:
+    """A rounded change of ``G``: its payload, the digest of the version it is added to, and
+    its mode ("add": indexed; "add-values": on that version's support)."""
+
+    payload: bytes
+    base: str
+    mode: str
+
+
+@torch.no_grad()
+def added(held: SparseTaskVector, payload: bytes, mode: str) -> SparseTaskVector:
+    """``held`` plus the rounded change in ``payload``, canonical: how the server makes the
+    rounded ``G`` and a client rebuilds it (the same bits). CodecError: it does not fit."""
+    if mode not in ADD_MODES:
+        raise DownlinkError(f"g-mode {mode!r} is not a rounded change ({ADD_MODES})")
+    step = codec.decode(payload, mask=held) if mode == "add-values" else codec.decode(payload)
+    return canonical(canonical(held).add(step))
+
+
+@torch.no_grad()
+def rounded(held: SparseTaskVector, change: SparseTaskVector, values: str) -> tuple[SparseTaskVector, Step]:
+    """``held`` plus ``change`` (the round's merge) rounded to ``values`` (int8/int4 codes
+    times a per-tensor scale), and the step that carries it: values on ``held``'s support
+    (zeros where the change has none) when the change adds no entry, else indexed."""
+    if values not in DOWNLINK_VALUES[1:]:
+        raise ValueError(f"downlink values {values!r}: a rounding downlink is one of {DOWNLINK_VALUES[1:]}")
+    held, change = canonical(held), canonical(change)
+    on_support = canonical(held.with_values({n: torch.zeros(t.nnz) for n, t in held.items()}).add(change))
+    on_held = len(held) > 0 and same_support(held, on_support)
+    payload = codec.encode(on_support if on_held else change, values=values, values_only=on_held)
+    mode = "add-values" if on_held else "add"
+    return added(held, payload, mode), Step(payload, digest(held), mode)
+
+
+@dataclass(frozen=True)
 class Sent:
     """What a message carries of ``G``: a change from the version with digest ``base`` (EMPTY:
     from nothing) to the one with digest ``digest``. Versions are named by their digests, so
@@ -190,7 +236,7 @@ class Sent:
     payload: bytes
     base: str
     digest: str
-    mode: str = "entries"  # "entries": indices and values; "values": values on the held support
+    mode: str = "entries"  # or "values" (on the held support), "add", "add-values" (rounded: ``Step``)
 
     @property
     def ref(self) -> GlobalRef:
@@ -204,7 +250,7 @@ def receive(held: SparseTaskVector | None, held_digest: str | None, payload: byt
     DownlinkError when the change is from a version the client does not hold (and it does
     not already hold the result), or when the result is not what the server holds."""
     base, want, mode = ref.base, ref.digest, ref.mode
-    if mode == "values" and base == EMPTY:
+    if mode in ("values", "add-values") and base == EMPTY:
         raise DownlinkError(f"g-mode {mode!r} from {base!r}: there is no support to put values on")
     if base == EMPTY:
         held = SparseTaskVector()
@@ -219,6 +265,8 @@ def receive(held: SparseTaskVector | None, held_digest: str | None, payload: byt
     try:
         if mode == "values":  # G's values on the support the client holds
             got = codec.decode(payload, mask=held)
+        elif mode in ADD_MODES:  # a rounded change, added as the server added it
+            got = added(held, payload, mode)
         else:
             got = canonical(overwrite(held, codec.decode(payload)))
     except codec.CodecError as e:
@@ -245,7 +293,12 @@ def to_keep(
     payloads as they came, so that keeping costs no encoding. The whole ``G`` is kept as it
     came; values on the held support replace the kept values; an indexed change (the
     support grew, or few entries changed) makes the client encode ``G`` (exactly) as its
-    new layout: one encoding of ``G`` per such message."""
+    new layout: one encoding of ``G`` per such message, as after a rounded change (its
+    values beside the layout when the support did not grow)."""
+    if ref.mode == "add-values" and layout is not None:
+        return layout, encode_exact(got, values, values_only=True)
+    if ref.mode in ADD_MODES:
+        return encode_exact(got, values), None
     if ref.base == EMPTY:
         return payload, None
     if ref.mode == "values" and layout is not None:
@@ -269,16 +322,20 @@ class Downlink:
         self._changes: dict[str, Sent | None] = {}  # base digest -> the change to the current version
         self._whole: bytes | None = None
         self._values_only: bytes | None = None  # the current version's values on its support
+        self._step: Step | None = None  # the rounded change that made the current version
 
-    def publish(self, tv: SparseTaskVector, whole: bytes | None = None) -> None:
+    def publish(self, tv: SparseTaskVector, whole: bytes | None = None, step: Step | None = None) -> None:
         """``tv`` is the new global update as the clients decode it; ``whole``: its payload,
-        when one that decodes to ``tv`` exactly is at hand."""
+        when one that decodes to ``tv`` exactly is at hand; ``step``: the rounded change
+        that makes ``tv`` from the version published before (``rounded``)."""
         d = digest(tv)
         if d == self.digest:
             return
+        if step is not None and step.base != self.digest:
+            raise DownlinkError(f"a rounded change from {step.base} published onto version {self.digest}")
         self.versions[self.digest] = self.tv
         self.tv, self.digest = canonical(tv), d
-        self._changes, self._whole, self._values_only = {}, whole, None
+        self._changes, self._whole, self._values_only, self._step = {}, whole, None, step
         self._prune()
 
     def _prune(self) -> None:
@@ -301,21 +358,26 @@ class Downlink:
             # a message went out and no reply came back: the node holds that message's version
             # or the one before, and only the whole update suits both
             base = EMPTY
-        sent = self._change_from(base) if base == self.digest or base in self.versions else None
+        if base == EMPTY and self._step is not None and self._step.base == digest(SparseTaskVector()):
+            sent = Sent(self._step.payload, EMPTY, self.digest, self._step.mode)  # added to nothing
+        else:
+            sent = self._change_from(base) if base == self.digest or base in self.versions else None
         if sent is None or len(sent.payload) >= len(self.whole()):
             sent = Sent(self.whole(), EMPTY, self.digest)
         self._sent[node] = self.digest
         return sent
 
     def _change_from(self, base: str) -> Sent | None:
-        """The smaller of the values-only change (same support) and the indexed change; for
-        a node that holds the current version, the empty change."""
+        """The rounded change to a node holding its base; else the smaller of the values-only
+        (same support) and the indexed change; the empty one to a node holding this version."""
         if base == self.digest:
             base_is_current = Sent(encode_exact(SparseTaskVector(), self.values), base, self.digest, "entries")
             return self._changes.setdefault(base, base_is_current)
         if base not in self._changes:
-            old = self.versions[base]
-            options = []
+            if self._step is not None and base == self._step.base:  # codes: smaller than any exact change
+                self._changes[base] = Sent(self._step.payload, base, self.digest, self._step.mode)
+                return self._changes[base]
+            old, options = self.versions[base], []
             if same_support(old, self.tv):
                 if self._values_only is None:  # the same for every base with this support
                     self._values_only = encode_exact(self.tv, self.values, values_only=True)

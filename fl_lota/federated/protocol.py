@@ -41,7 +41,9 @@ __all__ = [
 MAX_COUNT = 2**53
 MAX_SECONDS = 1e7  # 115 days
 EMPTY = "nothing"  # the base of a change from nothing (the whole update); Flower refuses "" in a record
-MODES = ("entries", "values")  # a change as indices and values; G's values on the support held
+# a change as indices and values; G's values on the support held; a rounded change added to
+# the held G (downlink-values int8/int4), indexed or as values on the support held
+MODES = ("entries", "values", "add", "add-values")
 _NAME = re.compile(r"^[^\s]{1,200}$")  # a task, phase or merge name inside a key
 
 
@@ -135,7 +137,8 @@ class _ConfigRecord:
 class GlobalRef(_ConfigRecord):
     """The change a message carries of ``G``: from the version with digest ``base`` (EMPTY:
     from nothing) to the one with digest ``digest``; ``mode`` "entries" (indices and
-    values) or "values" (``G``'s values on the support the client holds)."""
+    values), "values" (``G``'s values on the support the client holds), or "add" and
+    "add-values" (a rounded change to add to the held ``G``, indexed or on its support)."""
 
     base: str = _cfg("g-base", str)
     digest: str = _cfg("g-digest", str)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fl_lota.federated.downlink import DOWNLINK_VALUES
 from fl_lota.merging.merge import MERGE_METHODS
 from fl_lota.tasks.partition import FederationSpec
 from fl_lota.training import device as devices
@@ -71,6 +72,7 @@ class RunConfig:
     merge_lam: float = 1.0  # scale of the merged update (task arithmetic's lambda)
     ties_k: float = 0.2  # ties: kept fraction of each update
     values: str = "bf16"  # wire dtype of update values: float32 | bf16 | int8 | int4
+    downlink_values: str = "exact"  # G on the downlink: exact, or each round's change of G rounded to int8 | int4
     n_train: int = 256
     n_test: int = 100
     eval_every: int = 1  # federated evaluation every N rounds (the last round always)
@@ -103,6 +105,8 @@ class RunConfig:
                 raise bad("eval-merges", f"{m!r} is not one of {sorted(MERGE_METHODS)}")
         if self.values not in codec.VALUE_DTYPES:
             raise bad("values", f"{self.values!r} is not one of {sorted(codec.VALUE_DTYPES)}")
+        if self.downlink_values not in DOWNLINK_VALUES:
+            raise bad("downlink-values", f"{self.downlink_values!r} is not one of {list(DOWNLINK_VALUES)}")
         if self.eval_precision not in devices.EVAL_PRECISIONS:
             raise bad("eval-precision", f"{self.eval_precision!r} is not one of {list(devices.EVAL_PRECISIONS)}")
         if self.mask_mode not in ("global", "per_tensor"):
