@@ -2,6 +2,7 @@
 
     python bench/downlink.py --out /abs/folder                 # the default job, then the table
     python bench/downlink.py --out /abs/folder --short         # 3 rounds of 3 steps, 8 test items
+    python bench/downlink.py --out /abs/folder --set downlink-values=int4   # the rounding downlink
     python bench/downlink.py --from /abs/folder/metrics.jsonl  # the table of any run
 
 The run is ``fl-lota run`` of the default job (SmolLM2-135M, 4 clients, LoTA, mask_aware;
