@@ -48,7 +48,13 @@ def table(path: Path) -> None:
             print(
                 f"round {r['round']}: wall {sec['round_wall']:.0f} s, evaluation {sec.get('eval_wall', 0):.0f} s "
                 f"({100 * sec.get('eval_wall', 0) / sec['round_wall']:.1f}%; clients' own eval seconds "
-                f"{sec.get('client_eval', 0):.0f} s)"
+                f"{sec.get('client_eval', 0):.0f} s"
+                + (
+                    f"; the new G's downlink encoded at publish, before it: {sec['downlink_prep']:.1f} s"
+                    if "downlink_prep" in sec
+                    else ""
+                )
+                + ")"
                 + (
                     f"; and {sec['client_eval_in_train']:.0f} s of clients' seconds scoring the received model "
                     "inside the training messages (round 1: the base model, eval-base)"

@@ -180,6 +180,7 @@ class RoundBook:
                 "train_wall": train_wall,
                 "merge": result.merge_seconds,
                 "decode": result.decode_seconds,
+                "downlink_prep": result.downlink_seconds,  # encoding what the nodes are sent of the new G
                 "client_train": sum(c["train_seconds"] for c in cs),
                 "client_eval_in_train": sum(c["eval_seconds"] for c in cs),
                 "client_load": sum(c["load_seconds"] for c in cs),

@@ -214,6 +214,7 @@ class LotaFedAvg(FedAvg):
             uploads.append(Upload(str(node), payload, report.weight, report, partition=report.partition))
         result = self.aggregator.aggregate(uploads, online=getattr(self, "_online", None))
         self.downlink.publish(self.aggregator.global_tv, self.aggregator.global_payload, self.aggregator.step)
+        result.downlink_seconds = self.downlink.prepare()
         try:  # each accepted upload to disk (fl-lota export reads them); the round goes on if this fails
             updates.spill(self.book.dir, self.aggregator, self.book)
         except OSError as e:

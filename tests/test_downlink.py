@@ -273,6 +273,37 @@ def test_a_change_on_the_same_support_goes_as_values_alone():
         receive(None, None, sent.payload, GlobalRef.from_config(sent.ref.to_config() | {"g-base": "nothing"}))
 
 
+def test_prepare_encodes_at_publish_what_each_node_is_then_sent(monkeypatch):
+    """``prepare`` (called once G is published) encodes the change from every version a
+    node holds and the whole update; ``for_node`` then encodes nothing and sends what it
+    would have sent without ``prepare``."""
+    import fl_lota.federated.downlink as dl
+
+    gen = torch.Generator().manual_seed(11)
+    g1 = _as_server_holds(_random_update(gen, 0.3))
+    g2 = _as_server_holds(g1.add(g1.with_values({n: torch.randn(t.nnz, generator=gen) for n, t in g1.items()})))
+    g3 = _as_server_holds(g2.add(_random_update(gen, 0.05)))  # the support grows: an indexed change
+    sent = {}
+    for prepared in (False, True):
+        server = Downlink("bf16")
+        server.publish(g1)
+        for n in ("a", "b"):
+            server.for_node(n)
+            server.confirm(n)
+        server.publish(g2)
+        server.for_node("a")
+        server.confirm("a")  # a holds g2, b holds g1
+        server.publish(g3)
+        if prepared:
+            assert server.prepare() >= 0
+            monkeypatch.setattr(dl, "encode_exact", lambda *a, **k: pytest.fail("for_node encoded after prepare"))
+        sent[prepared] = {n: server.for_node(n) for n in ("a", "b", "new")}
+        monkeypatch.undo()
+    for n in ("a", "b", "new"):
+        assert sent[True][n].payload == sent[False][n].payload and sent[True][n].ref == sent[False][n].ref, n
+    assert sent[True]["a"].base != sent[True]["b"].base  # two versions held, two changes prepared
+
+
 def test_a_node_whose_reply_never_came_is_sent_the_whole_update():
     """A message went out and no reply came back (a timeout): the node holds either that
     message's version or the one before, so the next message must suit both."""

@@ -79,6 +79,43 @@ def test_a_shared_prefix_runs_once_and_changes_no_reply():
     assert got == want
 
 
+def test_rows_leave_the_batch_at_their_eos_and_each_reply_stays_hf_greedys():
+    """Greedy decoding drops a row from the batch once it emits EOS (later forwards run
+    fewer rows), and every row's tokens are still those HF's generate gives the prompt alone:
+    its tokens up to and including EOS, then padding."""
+    import fl_lota.tasks.evaluate as ev
+
+    model, tok = load("tiny")
+    prompts = ["Reverse the list: a, b", "Reverse the list: c, d, e, f", "Reverse the list: g", "Reverse the list: h"]
+    rows = [tok(format_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    pad, n = tok.pad_token_id, 8
+    free = ev._greedy(model, rows, pad, -1, n, torch.device("cpu"))  # no EOS: every row runs n tokens
+    # an EOS that ends some row early and leaves another going: the first new token of a
+    # row that no other row emits before its last token
+    eos = next(
+        int(t)
+        for t in free[:, 0].tolist() + free[:, 1].tolist()
+        if any(int(t) not in free[j, : n - 1].tolist() for j in range(len(rows)))
+    )
+    with forwards(model) as calls:
+        got = ev._greedy(model, rows, pad, eos, n, torch.device("cpu"))
+    sizes = [c[0] for c in calls[1:]]  # after the one-row prefix
+    assert sizes[0] == len(rows) and min(sizes) < len(rows), sizes
+    assert sizes == sorted(sizes, reverse=True)
+    for i, r in enumerate(rows):
+        ids = torch.tensor([r])
+        want = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )[0, len(r) :]
+        assert got[i, : len(want)].tolist() == want.tolist(), i
+        assert set(got[i, len(want) :].tolist()) <= {pad}, i
+
+
 def test_the_shared_prefix_cache_is_handed_to_generate_under_its_current_name():
     """No deprecation warning from generate: on transformers 5.24+ the prefix's KV cache goes
     in as ``cache``, before that as ``past_key_values`` (the only name it knew)."""
@@ -123,10 +160,11 @@ def test_evaluate_reports_the_task_metric():
     assert set(out) == {"choice", "score", "n"} and out["n"] == 6 and 0.0 <= out["score"] <= 1.0
 
 
-def test_a_clients_evaluation_uses_its_batch_size_and_bf16_autocast(monkeypatch):
-    """LocalNode scores with the run config's eval-batch-size, under bf16 autocast when
-    eval-precision says bf16 and in float32 when it says float32: the forward passes of
-    generation are counted and their autocast state read, and the report says which."""
+def test_a_clients_evaluation_uses_its_batch_size_and_generates_in_bf16(monkeypatch):
+    """LocalNode scores with the run config's eval-batch-size, with the model's weights in
+    bf16 when eval-precision says bf16 and in float32 when it says float32: the forward
+    passes of generation are counted and the dtype of the weights they ran with read, and
+    the report says which. After scoring, the model holds its float32 weights bit for bit."""
     import fl_lota.tasks.evaluate as ev
     from fl_lota.federated.node import LocalNode
     from fl_lota.federated.runconfig import RunConfig
@@ -149,37 +187,73 @@ def test_a_clients_evaluation_uses_its_batch_size_and_bf16_autocast(monkeypatch)
         )
         node = LocalNode(cfg, 0)
         model, _, _ = node._model_at(codec.encode(SparseTaskVector()))
-        with forwards(model, lambda k: torch.is_autocast_enabled("cpu")) as calls:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        emb = model.get_input_embeddings()
+        with forwards(model, lambda k, e=emb: (e.weight.dtype, torch.is_autocast_enabled("cpu"))) as calls:
             report = node.evaluate({"mask_aware": codec.encode(SparseTaskVector())})
         assert batches == [3, 3, 1], batches  # 7 prompts in batches of 3
         batches.clear()
         seen.append(set(calls))
         said.append(report.eval_bf16)
-    assert seen == [{True}, {False}]
+        after = model.state_dict()
+        assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert seen == [{(torch.bfloat16, False)}, {(torch.float32, False)}]
     assert said == [True, False]
 
 
+def test_bf16_weights_restores_the_same_parameters_even_after_an_error():
+    """Inside ``bf16_weights`` every parameter (tied ones once) holds bf16; after it, also
+    when the body raised, the same parameter objects hold their float32 values bit for bit
+    and keep their gradients' dtype."""
+    from fl_lota.tasks.evaluate import bf16_weights
+
+    model, _ = load("tiny")
+    params = dict(model.named_parameters())
+    before = {k: p.detach().clone() for k, p in params.items()}
+    with pytest.raises(RuntimeError, match="boom"), bf16_weights(model):
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        raise RuntimeError("boom")
+    assert dict(model.named_parameters()) == params  # the same objects
+    for k, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), before[k]), k
+    with bf16_weights(model, enabled=False):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
 @pytest.mark.parametrize(
-    ("flags", "bf16", "precision", "want"),
+    ("flags", "speedup", "bf16", "precision", "want"),
     [
-        ({"avx512_bf16"}, True, "auto", False),  # bf16 without AMX: float32 is faster
-        ({"amx_bf16", "avx512_bf16"}, True, "auto", True),
-        ({"amx_bf16"}, False, "auto", False),  # trained in float32: evaluated so
-        (set(), True, "bf16", True),
-        ({"amx_bf16"}, True, "float32", False),
+        ({"avx512_bf16"}, 3.8, True, "auto", True),  # native and measured faster (an AMD EPYC)
+        ({"avx512_bf16"}, 0.7, True, "auto", False),  # native, measured slower: float32
+        (set(), 2.0, True, "auto", False),  # no bf16 instructions: float32 whatever a probe says
+        ({"amx_bf16", "avx512_bf16"}, 4.0, True, "auto", True),
+        ({"amx_bf16"}, 4.0, False, "auto", False),  # trained in float32: evaluated so
+        (set(), 0.5, True, "bf16", True),
+        ({"amx_bf16"}, 4.0, True, "float32", False),
     ],
 )
-def test_auto_eval_precision_follows_the_cpu(monkeypatch, flags, bf16, precision, want):
-    """ "auto" generates under bf16 autocast on a CPU only where bf16 matmuls are native
-    (AMX); the explicit settings are obeyed whatever the CPU."""
+def test_auto_eval_precision_follows_the_cpu(monkeypatch, flags, speedup, bf16, precision, want):
+    """ "auto" generates in bf16 on a CPU only where bf16 matmuls are native (AMX or
+    AVX512-BF16) and measured at least BF16_SPEEDUP times as fast as float32; the explicit
+    settings are obeyed whatever the CPU."""
     from fl_lota.federated.runconfig import RunConfig
     from fl_lota.training import device as devices
 
     monkeypatch.setattr(devices, "_cpu", lambda: ("some cpu", set(flags)))
+    monkeypatch.setattr(devices, "bf16_matmul_speedup", lambda: speedup)
     cfg = RunConfig(model="tiny", bf16=bf16, eval_precision=precision, device="cpu")
     assert cfg.eval_bf16() is want
-    # the comparison's stored units are keyed by what "auto" means on the machine
-    assert cfg.identity()["eval_precision"] == ("bf16" if want else "float32")
+    # the comparison's stored units are keyed by what evaluation generates in on the machine;
+    # "bf16" alone is what units scored under autocast (fl-lota before bf16-model) say
+    assert cfg.identity()["eval_precision"] == ("bf16-model" if want else "float32")
+
+
+def test_the_bf16_probe_measures_this_cpu():
+    """The probe times real matmuls: a positive, finite ratio, computed once per process."""
+    from fl_lota.training import device as devices
+
+    r = devices.bf16_matmul_speedup()
+    assert 0 < r < 1e4 and devices.bf16_matmul_speedup() == r
 
 
 def test_auto_eval_precision_on_a_gpu(monkeypatch):

@@ -208,7 +208,7 @@ def test_aggregate_evaluate_writes_one_row_per_round(tmp_path):
     if sys.platform.startswith("linux"):
         assert mem["rss"] > 0
     # how each client generated, as it said (the first did not say)
-    assert [c["eval_precision"] for c in r["eval_clients"]] == [None, "bf16"]
+    assert [c["eval_precision"] for c in r["eval_clients"]] == [None, "bf16-model"]
     assert r["cumulative_uplink_bytes"] == r["uplink_bytes"]
     assert out["score-mean@mask_aware"] == pytest.approx(0.325)
 

@@ -104,7 +104,7 @@ class Comparison:
             scores = score_models(node, {"base": codec.encode(SparseTaskVector())})["base"]
             return {"scores": scores, "machine": devices.machine(node.device)}
 
-        # the evaluation settings are part of the key: bf16 autocast and the batch change scores
+        # the evaluation settings are part of the key: bf16 generation and the batch change scores
         key = {
             "model": p.cfg.model,
             "tasks": [task_fingerprint(t) for t in p.tasks],

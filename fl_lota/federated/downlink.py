@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -366,6 +367,19 @@ class Downlink:
             sent = Sent(self.whole(), EMPTY, self.digest)
         self._sent[node] = self.digest
         return sent
+
+    def prepare(self) -> float:
+        """Encode now what the nodes will be sent of the current version: the change from
+        each version some node holds, and the whole update (what ``for_node`` compares it
+        with). The server calls it once ``G`` is published, so that this downlink work is
+        counted with the merge that made the version, not with the evaluation or training
+        message that first carries it (``for_node`` then finds it done). Returns seconds."""
+        t0 = time.perf_counter()
+        self.whole()
+        for base in sorted(set(self.held.values())):
+            if base == self.digest or base in self.versions:
+                self._change_from(base)
+        return time.perf_counter() - t0
 
     def _change_from(self, base: str) -> Sent | None:
         """The rounded change to a node holding its base; else the smaller of the values-only

@@ -89,7 +89,7 @@ class LocalNode:
         how much of the GPU this client was given, named in an out-of-memory error. A
         device this process cannot use is a DeviceError here, before any round."""
         self.device = devices.resolve(cfg.device)
-        self.eval_bf16 = cfg.eval_bf16(self.device)  # generation under bf16 autocast (eval-precision)
+        self.eval_bf16 = cfg.eval_bf16(self.device)  # generation in bf16 (eval-precision)
         self.gpu_share = gpu_share
         self.cfg = cfg
         self.partition_id = partition_id

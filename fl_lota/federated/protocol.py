@@ -205,7 +205,7 @@ class TrainReport:
     values_only: bool = _key("values-only", "flag")
     index_entropy_bytes: float = _key("index-entropy-bytes", "size")  # the mask's entropy bound
     eval_seconds: float | None = _key("eval-seconds", "seconds", optional=True)  # when it scored
-    eval_bf16: bool | None = _key("eval-bf16", "flag", optional=True)  # when it scored: under bf16 autocast
+    eval_bf16: bool | None = _key("eval-bf16", "flag", optional=True)  # when it scored: in bf16 (the model cast)
     gpu_peak_bytes: int | None = _key("gpu-peak-bytes", "count", optional=True)  # on a GPU
     phase_seconds: dict[str, float] = field(
         default_factory=dict, metadata=_per_name("seconds.", "seconds")
@@ -248,7 +248,7 @@ class EvalReport:
     partition: int = _key("partition-id", "partition")
     num_examples: int = _key("num-examples", "count")  # its test items, all tasks
     eval_seconds: float = _key("eval-seconds", "seconds")
-    eval_bf16: bool | None = _key("eval-bf16", "flag", optional=True)  # generated under bf16 autocast
+    eval_bf16: bool | None = _key("eval-bf16", "flag", optional=True)  # generated in bf16 (the model cast)
     gpu_peak_bytes: int | None = _key("gpu-peak-bytes", "count", optional=True)
     scores: dict[str, dict[str, float]] = field(
         default_factory=dict, metadata=_per_name("score.", "merge-score")

@@ -199,8 +199,8 @@ class RunConfig:
         """Every setting that can change a result (all but ``COSMETIC``): the key under
         which comparison units are stored and reused."""
         out = {k: v for k, v in asdict(self).items() if k not in COSMETIC}
-        if self.eval_precision == "auto":  # what "auto" is on this machine: it changes the scores
-            out["eval_precision"] = devices.precision_name(self.eval_bf16())
+        # what evaluation generates in on this machine ("auto" resolved): it changes the scores
+        out["eval_precision"] = devices.precision_name(self.eval_bf16())
         return out
 
     def resumable(self) -> dict[str, object]:
@@ -214,7 +214,7 @@ class RunConfig:
         exist then had its default's behaviour."""
         defaults = asdict(cls())
         if "eval_precision" not in stored:  # before the key, evaluation generated as the model trained
-            defaults["eval_precision"] = devices.precision_name(bool(stored.get("bf16", True)))
+            defaults["eval_precision"] = "bf16" if stored.get("bf16", True) else "float32"  # "bf16": autocast
         return {k: stored.get(k, defaults[k]) if k in defaults else stored[k] for k in set(stored) | set(defaults)}
 
     # ---- derived settings -------------------------------------------------------------
@@ -308,8 +308,8 @@ class RunConfig:
         return str(devices.resolve(self.device))
 
     def eval_bf16(self, device: torch.device | str | None = None) -> bool:
-        """Whether evaluation on ``device`` (default: this process's) generates under bf16
-        autocast (``eval-precision``; "auto": ``fl_lota.training.device.generation_bf16``)."""
+        """Whether evaluation on ``device`` (default: this process's) generates in bf16
+        (``eval-precision``; "auto": ``fl_lota.training.device.generation_bf16``)."""
         return devices.generation_bf16(torch.device(device or self.resolved_device()), self.eval_precision, self.bf16)
 
     @property

@@ -17,6 +17,7 @@ import gc
 import os
 import platform
 import re
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -27,6 +28,8 @@ __all__ = [
     "DeviceError",
     "GpuOutOfMemory",
     "autocast_bf16",
+    "bf16_matmul_speedup",
+    "check_bf16",
     "describe",
     "generation_bf16",
     "precision_name",
@@ -117,15 +120,23 @@ def _cpu() -> tuple[str, frozenset[str]]:
 
 # how clients generate at evaluation (run-config key eval-precision)
 EVAL_PRECISIONS = ("auto", "bf16", "float32")
+# bf16 generation casts the model (weights and activations in bf16, as an inference server
+# serves it); fl-lota up to 7f7abcf generated under bf16 autocast and reported "bf16", so the
+# comparison store keeps units scored either way apart
+BF16_GENERATION = "bf16-model"
+# "auto" on a CPU: bf16 only where a bf16 matmul measured at least this much faster here
+BF16_SPEEDUP = 1.5
 
 
 def generation_bf16(device: torch.device, precision: str, bf16: bool) -> bool:
-    """Whether evaluation generates under bf16 autocast. ``precision`` "bf16" / "float32" say
-    so; "auto" generates as the model trained (``bf16``) where bf16 matmuls are native and
-    fast, on a GPU (Ampere or later) or a CPU with AMX, and in float32 elsewhere: on a Xeon
-    with AVX512-BF16 but no AMX, SmolLM2-135M answered 100 prompts in 11.6 s in float32
-    against 17.9 s under bf16 autocast (2026-11-24). Float32 is the more exact of the two, so
-    "auto" only ever trades speed, never precision, away from the training setting."""
+    """Whether evaluation generates in bf16 (``fl_lota.tasks.evaluate.bf16_weights``).
+    ``precision`` "bf16" / "float32" say so; "auto" generates in bf16 when the model trained
+    under bf16 (``bf16``) and bf16 matmuls are native and fast here: on a GPU from Ampere on,
+    and on a CPU with AMX or AVX512-BF16 where ``bf16_matmul_speedup`` measures bf16 at least
+    ``BF16_SPEEDUP`` times as fast as float32 (a 2-core AMD EPYC with AVX512-BF16: 3.8x,
+    and SmolLM2-135M answered 100 math prompts in 3.4 s against 11.1 s in float32; a Xeon
+    with AVX512-BF16 but no AMX ran generation under bf16 autocast slower than float32,
+    17.9 s against 11.6 s, 2026-11-24). Float32 is the more exact of the two."""
     if precision not in EVAL_PRECISIONS:
         raise ValueError(f"eval precision {precision!r} is not one of {list(EVAL_PRECISIONS)}")
     if precision != "auto":
@@ -134,13 +145,34 @@ def generation_bf16(device: torch.device, precision: str, bf16: bool) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 8
-    return "amx_bf16" in _cpu()[1]
+    flags = _cpu()[1]
+    return bool({"amx_bf16", "avx512_bf16"} & flags) and bf16_matmul_speedup() >= BF16_SPEEDUP
+
+
+@functools.cache
+def bf16_matmul_speedup() -> float:
+    """How many times faster this CPU multiplies in bf16 than in float32, measured once per
+    process on a small language model's shapes (256 tokens x 1024 -> 1024; best of 5 each,
+    about 50 ms in all): bf16 kernels without native instructions run slower than float32."""
+    x, w = torch.randn(256, 1024), torch.randn(1024, 1024)
+    xb, wb = x.bfloat16(), w.bfloat16()
+
+    def best(a: torch.Tensor, b: torch.Tensor) -> float:
+        torch.nn.functional.linear(a, b)  # warm the kernel
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(x, w) / max(best(xb, wb), 1e-9)
 
 
 def precision_name(bf16: bool) -> str:
-    """The ``eval-precision`` value that names how a model generated: "bf16" (autocast) or
-    "float32"."""
-    return "bf16" if bf16 else "float32"
+    """What a model generated in, as reports and comparison units name it: "bf16-model"
+    (the model cast to bf16) or "float32"."""
+    return BF16_GENERATION if bf16 else "float32"
 
 
 def machine(device: torch.device) -> str:
@@ -199,14 +231,18 @@ def out_of_memory(
     )
 
 
-def autocast_bf16(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` (CPU and CUDA alike), for training and generation; a GPU
-    without bf16 (before Ampere) is a DeviceError naming the setting, not an error deep in
-    torch."""
-    if not enabled:
-        return nullcontext()
+def check_bf16(device: torch.device) -> None:
+    """A GPU without bf16 (before Ampere) is a DeviceError naming the setting, not an
+    error deep in torch."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:  # bf16 needs Ampere or later
         raise DeviceError(
             f"{describe(device)} has no bfloat16 support; train in float32 with bf16=false in the run config"
         )
+
+
+def autocast_bf16(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` (CPU and CUDA alike), for training (``check_bf16``)."""
+    if not enabled:
+        return nullcontext()
+    check_bf16(device)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
