@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from fl_lota.federated import memory
 from fl_lota.federated.aggregator import Aggregator, Upload
 from fl_lota.federated.checkpoint import Checkpoint, save_checkpoint
-from fl_lota.federated.downlink import Downlink
+from fl_lota.federated.downlink_server import Downlink
 from fl_lota.federated.protocol import (
     EvalInstruction,
     EvalReport,

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from fl_lota.federated.downlink import (
-    Downlink,
     DownlinkError,
     canonical,
     change,
@@ -22,6 +21,7 @@ from fl_lota.federated.downlink import (
     same_support,
     to_keep,
 )
+from fl_lota.federated.downlink_server import Downlink
 from fl_lota.federated.protocol import EMPTY, GlobalRef, ProtocolError
 from fl_lota.vectors import codec
 from fl_lota.vectors.task_vector import PackedTensor, SparseTaskVector, SparseTensor
@@ -277,7 +277,7 @@ def test_prepare_encodes_at_publish_what_each_node_is_then_sent(monkeypatch):
     """``prepare`` (called once G is published) encodes the change from every version a
     node holds and the whole update; ``for_node`` then encodes nothing and sends what it
     would have sent without ``prepare``."""
-    import fl_lota.federated.downlink as dl
+    import fl_lota.federated.downlink_server as dl
 
     gen = torch.Generator().manual_seed(11)
     g1 = _as_server_holds(_random_update(gen, 0.3))
