@@ -11,8 +11,11 @@ only), as ``LocalNode.train`` does inside a Flower client. Printed per method an
 with the model and data loaded (``loaded``), its peak during the round (``peak``, Linux
 /proc: VmHWM after a reset) and the rise above ``loaded``; on a GPU also the round's peak
 GPU memory (``gpu_peak_bytes``, as clients report it). LoTA's round 1 holds a dense
-calibration phase (full fine-tuning for ``calibration-steps``), so its peak there is FFT's;
-round 2 trains the mask alone, with optimizer state only for its entries.
+calibration phase (full fine-tuning for ``calibration-steps``) and the mask's extraction, so
+it peaks at least as high as FFT; round 2 trains the mask alone, with optimizer state only
+for its entries. Round 2's ``G`` is merged from this one client's upload: in a federation
+it is the merge of all clients' (for LoTA the union of their masks, larger), which the
+client holds decoded beside the model.
 """
 
 from __future__ import annotations

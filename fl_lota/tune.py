@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-precision",
         default="auto",
         choices=EVAL_PRECISIONS,
-        help="generation at evaluation: auto (as trained where bf16 is native: a GPU, a CPU with AMX; "
-        "else float32), bf16 or float32",
+        help="generation at evaluation: auto (bf16 when trained so and bf16 is native and fast here: a GPU "
+        "from Ampere on, a CPU with AMX or AVX512-BF16 that measures it faster; else float32), bf16 (the model "
+        "cast to bf16) or float32",
     )
     ap.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible), cpu, cuda or cuda:N")
     ap.add_argument("--skip-base", action="store_true", help="do not evaluate the base model")

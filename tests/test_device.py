@@ -84,8 +84,10 @@ def test_a_client_on_a_machine_without_a_gpu_fails_at_start_with_a_named_error()
 def test_bf16_on_a_gpu_without_it_names_the_setting(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 0))  # V100
     monkeypatch.setattr(device, "describe", lambda d: "cuda:0 (Tesla V100, 16.0 GiB)")
-    with pytest.raises(device.DeviceError, match=r"V100.*no bfloat16.*bf16=false"):
-        device.autocast_bf16(torch.device("cuda"), True)  # training and generation both enter here
+    with pytest.raises(device.DeviceError, match=r"V100.*no bfloat16.*bf16=false.*eval-precision=float32"):
+        device.autocast_bf16(torch.device("cuda"), True)  # training enters here
+    with pytest.raises(device.DeviceError, match=r"V100.*no bfloat16"):
+        device.check_bf16(torch.device("cuda"))  # and generation in bf16 (tasks.evaluate.bf16_weights)
     assert device.autocast_bf16(torch.device("cuda"), False) is not None  # float32 needs no check
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))  # A100
     assert isinstance(device.autocast_bf16(torch.device("cuda"), True), torch.autocast)

@@ -248,12 +248,54 @@ def test_auto_eval_precision_follows_the_cpu(monkeypatch, flags, speedup, bf16, 
     assert cfg.identity()["eval_precision"] == ("bf16-model" if want else "float32")
 
 
-def test_the_bf16_probe_measures_this_cpu():
-    """The probe times real matmuls: a positive, finite ratio, computed once per process."""
+def test_the_bf16_probe_is_measured_once_per_machine(monkeypatch, tmp_path):
+    """The probe times real matmuls (a positive, finite ratio) and stores it in the model
+    cache; another process on the machine (here: the cache of this one cleared) reads the
+    stored ratio instead of measuring again, so every client resolves "auto" alike."""
     from fl_lota.training import device as devices
 
-    r = devices.bf16_matmul_speedup()
-    assert 0 < r < 1e4 and devices.bf16_matmul_speedup() == r
+    monkeypatch.setenv("FL_LOTA_CACHE", str(tmp_path))
+    devices.bf16_matmul_speedup.cache_clear()
+    try:
+        r = devices.bf16_matmul_speedup()
+        assert 0 < r < 1e4 and devices.bf16_matmul_speedup() == r
+        stored = devices.probe_file()
+        assert stored.is_relative_to(tmp_path) and json.loads(stored.read_text())["bf16_speedup"] == r
+        stored.write_text(json.dumps({"bf16_speedup": 9.5}))  # as another process measured it
+        devices.bf16_matmul_speedup.cache_clear()
+        assert devices.bf16_matmul_speedup() == 9.5
+        stored.write_text("{not json")  # a damaged file is measured again, and replaced
+        devices.bf16_matmul_speedup.cache_clear()
+        again = devices.bf16_matmul_speedup()
+        assert 0 < again < 1e4 and json.loads(stored.read_text())["bf16_speedup"] == again
+    finally:
+        devices.bf16_matmul_speedup.cache_clear()
+
+
+def test_a_model_whose_generation_config_changes_the_logits_goes_through_generate(monkeypatch):
+    """A setting that changes greedy decoding is applied by Hugging Face's generate: a
+    repetition penalty with the shared prefix's cache handed in, beam search without one
+    (whole rows: a cache would need repeating per beam); with none of them the loop that
+    drops finished rows runs and generate is not called."""
+    model, tok = load("tiny")
+    prompts = ["Reverse the list: a, b", "Reverse the list: c, d, e, f"]
+    handed = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: handed.append(kw) or real(**kw))
+    generate(model, tok, prompts, max_new_tokens=4, batch_size=2, progress=False)
+    assert handed == []
+    for setting, value, cached in (("repetition_penalty", 1.3, True), ("num_beams", 2, False)):
+        setattr(model.generation_config, setting, value)
+        generate(model, tok, prompts, max_new_tokens=4, batch_size=2, progress=False)
+        assert len(handed) == 1 and (handed[0][ev_cache_kwarg()] is not None) is cached, setting
+        handed.clear()
+        setattr(model.generation_config, setting, 1)
+
+
+def ev_cache_kwarg() -> str:
+    from fl_lota.tasks.evaluate import CACHE_KWARG
+
+    return CACHE_KWARG
 
 
 def test_auto_eval_precision_on_a_gpu(monkeypatch):

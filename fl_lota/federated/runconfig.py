@@ -199,8 +199,9 @@ class RunConfig:
         """Every setting that can change a result (all but ``COSMETIC``): the key under
         which comparison units are stored and reused."""
         out = {k: v for k, v in asdict(self).items() if k not in COSMETIC}
-        # what evaluation generates in on this machine ("auto" resolved): it changes the scores
-        out["eval_precision"] = devices.precision_name(self.eval_bf16())
+        # what evaluation generates in ("auto" resolved on this machine): it changes the scores
+        bf16 = self.eval_bf16() if self.eval_precision == "auto" else self.eval_precision == "bf16"
+        out["eval_precision"] = devices.precision_name(bf16)
         return out
 
     def resumable(self) -> dict[str, object]:
