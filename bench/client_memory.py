@@ -27,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import reset_peak_rss
 from fl_lota.federated import memory
 
 METHODS = ("lota", "fft", "lora")
@@ -44,8 +45,7 @@ def one(method: str, rnd: int, folder: Path, sets: list[str]) -> dict:
     mask = (folder / "mask.fltv").read_bytes() if rnd > 1 and (folder / "mask.fltv").is_file() else None
     node._model_at(SparseTaskVector())  # the model loaded before measuring
     loaded = memory.rss_mb()
-    if not memory.reset_peak():
-        raise SystemExit("this bench measures peak memory through /proc (Linux)")
+    reset_peak_rss()
     res = node.train(g, mask, server_round=rnd)
     peak = memory.peak_mb()
     if rnd == 1:

@@ -149,7 +149,7 @@ class RoundBook:
             return []
         return stream_order(n, client_stream_seed(self.cfg.seed, partition), start, end - start)
 
-    def merged(self, result: RoundMerge, *, train_wall: float) -> None:
+    def merged(self, result: RoundMerge, *, train_wall: float, downlink_prep: float) -> None:
         cs = self.row["clients"]
         accepted = set(result.accepted)
         good = [c for c in cs if c["node"] in accepted]
@@ -180,7 +180,7 @@ class RoundBook:
                 "train_wall": train_wall,
                 "merge": result.merge_seconds,
                 "decode": result.decode_seconds,
-                "downlink_prep": result.downlink_seconds,  # encoding what the nodes are sent of the new G
+                "downlink_prep": downlink_prep,  # encoding what the nodes are sent of the new G (Downlink.prepare)
                 "client_train": sum(c["train_seconds"] for c in cs),
                 "client_eval_in_train": sum(c["eval_seconds"] for c in cs),
                 "client_load": sum(c["load_seconds"] for c in cs),

@@ -214,7 +214,7 @@ class LotaFedAvg(FedAvg):
             uploads.append(Upload(str(node), payload, report.weight, report, partition=report.partition))
         result = self.aggregator.aggregate(uploads, online=getattr(self, "_online", None))
         self.downlink.publish(self.aggregator.global_tv, self.aggregator.global_payload, self.aggregator.step)
-        result.downlink_seconds = self.downlink.prepare()
+        downlink_prep = self.downlink.prepare()
         try:  # each accepted upload to disk (fl-lota export reads them); the round goes on if this fails
             updates.spill(self.book.dir, self.aggregator, self.book)
         except OSError as e:
@@ -229,7 +229,7 @@ class LotaFedAvg(FedAvg):
         for client, reason in result.rejected.items():
             log(WARNING, "round %d: rejected upload: %s", server_round, reason)
             self.book.reject(int(client), reason)
-        self.book.merged(result, train_wall=t_recv - self._t.get("train-sent", t_recv))
+        self.book.merged(result, train_wall=t_recv - self._t.get("train-sent", t_recv), downlink_prep=downlink_prep)
         self._log_clients("train")
         if result.too_few:
             log(

@@ -91,7 +91,6 @@ class RoundMerge:
     candidate_bytes: dict[str, int]
     merge_error: str | None = None  # the merge failed: G unchanged this round
     too_few: bool = False  # fewer usable uploads than min-replies: G unchanged this round
-    downlink_seconds: float = 0.0  # the server encoding what nodes are sent of the new G (Downlink.prepare)
     # what the server measured of each accepted upload (not what the client claims):
     # payload_bytes, values_only, nnz (values sent), numel (entries of the dense update they
     # stand for), index_entropy_bytes (the entropy bound of a full upload's mask)

@@ -210,8 +210,8 @@ def _greedy_dropping(
     out = torch.full((own.shape[0], max_new_tokens), pad, dtype=torch.long, device=device)
     alive = torch.arange(own.shape[0], device=device)  # the rows still in the batch
     step_ids, step_pos = own, positions[:, -own.shape[1] :]
+    kw = {CACHE_KWARG: cache, **keep}  # the cache is updated in place
     for step in range(max_new_tokens):
-        kw = {CACHE_KWARG: cache, **keep}
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **kw).logits
         nxt = logits[:, -1].argmax(-1)  # (A,)
         out[alive, step] = nxt
